@@ -1,0 +1,1 @@
+"""The lspsde model zoo: feedforward and residual networks, convex objectives."""
