@@ -1,0 +1,98 @@
+"""Checks of user input that run before anything is traced.
+
+Every message names the offending value and says how to fix it. Values that are traced (inside
+``jit``/``vmap``) cannot be checked here and are passed through unchanged; such values are checked
+where they are used with ``eqx.error_if`` or reported as result codes.
+"""
+
+from collections.abc import Callable
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _concrete(value: Any) -> float | None:
+    """Return ``value`` as a Python float if it is concrete and scalar, else ``None``."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return None
+    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+        return None
+    return float(arr)
+
+
+def _concrete_array(value: Any) -> np.ndarray | None:
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value, dtype=float)
+    except Exception:
+        return None
+
+
+def check_positive(name: str, value: Any, *, fix: str = "", allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` unless every concrete entry of ``value`` is finite and > 0 (or >= 0)."""
+    arr = _concrete_array(value)
+    if arr is None:
+        return
+    bad = ~np.isfinite(arr) | ((arr < 0) if allow_zero else (arr <= 0))
+    if np.any(bad):
+        shown = arr if arr.ndim == 0 else arr[bad][:5]
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(
+            f"`{name}` must be finite and {kind}, got {shown!r}." + (f" {fix}" if fix else "")
+        )
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1, fix: str = "") -> int:
+    """Return ``value`` as an ``int`` after checking it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"`{name}` must be a Python int, got {value!r} of type {type(value).__name__}."
+            + (f" {fix}" if fix else "")
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be >= {minimum}, got {value}." + (f" {fix}" if fix else "")
+        )
+    return int(value)
+
+
+def check_in_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    closed_low: bool = False,
+    closed_high: bool = False,
+    fix: str = "",
+) -> None:
+    """Raise ``ValueError`` unless concrete ``value`` lies in the interval (bounds as flagged)."""
+    arr = _concrete_array(value)
+    if arr is None:
+        return
+    ok_low = arr >= low if closed_low else arr > low
+    ok_high = arr <= high if closed_high else arr < high
+    ok = ok_low & ok_high & np.isfinite(arr)
+    if not np.all(ok):
+        lb = "[" if closed_low else "("
+        rb = "]" if closed_high else ")"
+        raise ValueError(
+            f"`{name}` must lie in {lb}{low}, {high}{rb}, got {arr!r}." + (f" {fix}" if fix else "")
+        )
+
+
+def check_callable(name: str, value: Any) -> None:
+    if not isinstance(value, Callable):
+        raise TypeError(f"`{name}` must be callable, got {value!r} of type {type(value).__name__}.")
+
+
+def is_finite_number(value: Any) -> bool:
+    v = _concrete(value)
+    return v is not None and math.isfinite(v)
