@@ -1,0 +1,561 @@
+r"""The closed-form stability laws of Sections 4–5, and estimators of their constants.
+
+Every study puts a *predicted* value from here beside a *measured* one. The formulas, with the
+paper's symbols:
+
+| quantity | formula | source |
+|---|---|---|
+| feedforward Jacobian bound | $\rho^L$ | Theorem 4.1 |
+| feedforward exponent bound | $\alpha_x \le \log\rho$ | Theorem 4.1 |
+| residual one-step factor | $c_x(h) = \sqrt{1 - 2hm + h^2 M_g^2}$ | Lemma 4.2, Theorem 4.3 |
+| residual exponent bound | $\alpha_x \le \frac12\log(1 - 2hm + h^2M_g^2)$ | Theorem 4.3 |
+| residual CFL step | $h_{\max} = 2m / M_g^2$ | eq. (4.3), Corollary 4.4 |
+| SGD mean-square factor | $q(\eta) = 1 - 2\eta\mu + \eta^2(L^2 + \sigma_1^2)$ | Theorem 5.2 |
+| SGD step limit | $\eta_{\max} = 2\mu / (L^2 + \sigma_1^2)$ | eq. (5.4) |
+| SGD exponent bound | $\log q$ (mean square), $\frac12 \log q$ (norm) | Theorem 5.2(2), below |
+| SGD mean-square bound | $q^t m_0 + \eta^2\sigma_0^2 (1 - q^t)/(1 - q)$ | Theorem 5.2(1) iterated |
+| Robbins–Monro | $\sum\eta_t = \infty$, $\sum \eta_t^2 < \infty$ | Theorem 5.3 |
+
+**A correction to Theorem 5.2(2).** The paper defines $\alpha_\theta$ through the operator norm
+of the sensitivity $\partial\theta^t/\partial\theta^0$ (Section 2), and states
+$\alpha_\theta \le \log q(\eta)$. For the norm this is false: for gradient descent on a quadratic
+with Hessian eigenvalues $\lambda \in [\mu, L]$, $\partial\theta^t/\partial\theta^0 =
+(I - \eta H)^t$ has norm $\max_\lambda |1 - \eta\lambda|^t$, and
+$(1 - \eta\lambda)^2 = 1 - 2\eta\lambda + \eta^2\lambda^2 \le q(\eta)$, so the norm exponent is
+$\le \frac12 \log q(\eta)$, with equality when $\mu = L$ and $\sigma_1 = 0$ (then
+$q = (1 - \eta\mu)^2$). Example: $\mu = L = 1$, $\sigma_1 = 0$, $\eta = 1/2$ gives $q = 1/4$,
+$\log q = -1.386$, but the exact exponent is $\log(1/2) = -0.693 > \log q$. The rate
+$\log q(\eta)$ is the right one for the *mean-square energy* $\mathbb{E}\|\theta^t - \theta^*\|^2$
+(a squared norm), which is what the proof of Theorem 5.2 controls.
+[`sgd_exponent_bound`][lspsde.theory.sgd_exponent_bound] returns either, by ``energy=``.
+
+Every function takes Python numbers or JAX arrays (broadcast together), returns a JAX array, and
+is ``jit``/``vmap`` friendly (no Python branching on traced values). Concrete inputs are checked
+before tracing; traced inputs pass through unchecked.
+"""
+
+from collections.abc import Callable
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree, Real
+import numpy as np
+
+from . import linalg
+from ._checks import _concrete_array, check_positive
+from .objectives import AbstractObjective
+from .representation import Feedforward
+
+__all__ = [
+    "feedforward_exponent_bound",
+    "feedforward_jacobian_bound",
+    "feedforward_rho",
+    "layer_spectral_norms",
+    "objective_constants",
+    "residual_block_constants",
+    "residual_contraction",
+    "residual_exponent_bound",
+    "residual_optimal_step",
+    "residual_step_max",
+    "robbins_monro_conditions",
+    "sgd_contraction",
+    "sgd_exponent_bound",
+    "sgd_mean_square_bound",
+    "sgd_optimal_step",
+    "sgd_stationary_level",
+    "sgd_step_max",
+]
+
+RealLike = Real[ArrayLike, "..."]
+
+
+def _f(x: RealLike) -> Array:
+    return jnp.asarray(x, dtype=float)
+
+
+def _check_le(small: str, a: RealLike, big: str, b: RealLike, why: str) -> None:
+    """Raise unless concrete ``a <= b`` everywhere (after broadcasting).
+
+    A relative slack of 1e-12 lets through estimates of equal constants (e.g. ``m = M_g`` for
+    ``G = -mI``) that rounding put one ulp apart.
+    """
+    aa, bb = _concrete_array(a), _concrete_array(b)
+    if aa is None or bb is None:
+        return
+    try:
+        bad = aa > bb * (1.0 + 1e-12)
+    except ValueError as err:  # shapes do not broadcast
+        raise ValueError(
+            f"`{small}` (shape {aa.shape}) and `{big}` (shape {bb.shape}) do not broadcast."
+        ) from err
+    if np.any(bad):
+        first = np.argwhere(np.atleast_1d(bad))[0]
+        ab, bb_ = np.broadcast_arrays(np.atleast_1d(aa), np.atleast_1d(bb))
+        raise ValueError(
+            f"`{small}` = {ab[tuple(first)]!r} exceeds `{big}` = {bb_[tuple(first)]!r}. {why}"
+        )
+
+
+_WHY_M = (
+    "Inconsistent constants: v^T G v >= -||G||_2 >= -M_g for unit v, so dissipativity "
+    "sym(G) <= -m I and ||G||_2 <= M_g can only hold together when m <= M_g (eq. 4.2). "
+    "Estimate both from the same block, e.g. with `residual_block_constants`."
+)
+_WHY_MU = (
+    "Inconsistent constants: a mu-strongly convex, L-smooth objective has Hessian eigenvalues in "
+    "[mu, L], so mu <= L (Assumption 1). Estimate both, e.g. with `objective_constants`."
+)
+
+
+def _check_residual(h: RealLike | None, m: RealLike, M_g: RealLike) -> None:
+    if h is not None:
+        check_positive("h", h, fix="The residual step size h must be > 0 (eq. 4.1).")
+    check_positive(
+        "m", m, fix="Theorem 4.3 needs a uniformly dissipative block, m > 0 in eq. (4.2)."
+    )
+    check_positive("M_g", M_g, fix="M_g bounds ||G_k||_2 (eq. 4.2); it must be > 0.")
+    _check_le("m", m, "M_g", M_g, _WHY_M)
+
+
+def _check_sgd(eta: RealLike | None, mu: RealLike, L: RealLike, sigma1: RealLike) -> None:
+    if eta is not None:
+        check_positive("eta", eta, fix="The learning rate eta must be > 0 (eq. 5.1).")
+    check_positive("mu", mu, fix="Assumption 1 needs a mu-strongly convex objective, mu > 0.")
+    check_positive("L", L, fix="L is the smoothness constant of Assumption 1; it must be > 0.")
+    check_positive(
+        "sigma1",
+        sigma1,
+        allow_zero=True,
+        fix="sigma1^2 is a variance coefficient (Assumption 1); use sigma1 >= 0.",
+    )
+    _check_le("mu", mu, "L", L, _WHY_MU)
+
+
+# --------------------------------------------------------------------------------------------
+# Section 4.1: feedforward networks
+# --------------------------------------------------------------------------------------------
+
+
+def feedforward_jacobian_bound(rho: RealLike, depth: RealLike) -> Float[Array, "..."]:
+    r"""$\sup_x \|JF_\theta(x)\|_2 \le \rho^L$ for $\|W_k\|_2 \le \rho$ (Theorem 4.1).
+
+    Holds for any $\rho > 0$ with a 1-Lipschitz activation; it is a contraction when $\rho < 1$.
+    Attained when every $W_k$ is $\rho$ times an isometry and the activation acts as the
+    identity on the trajectory (e.g. ``"identity"``, or ReLU with positive pre-activations).
+
+    **Arguments:**
+
+    - `rho`: the layerwise bound $\rho$ on $\|W_k\|_2$, $> 0$.
+    - `depth`: the number of layers $L \ge 0$.
+
+    **Returns:** $\rho^L$.
+    """
+    check_positive("rho", rho, fix="rho bounds the spectral norms ||W_k||_2; use rho > 0.")
+    check_positive("depth", depth, allow_zero=True, fix="The depth L must be >= 0.")
+    return _f(rho) ** _f(depth)
+
+
+def feedforward_exponent_bound(rho: RealLike) -> Float[Array, "..."]:
+    r"""$\alpha_x \le \log\rho$ (Theorem 4.1); negative exactly when $\rho < 1$.
+
+    **Arguments:**
+
+    - `rho`: the layerwise bound $\rho \ge \|W_k\|_2$, $> 0$.
+
+    **Returns:** $\log\rho$.
+    """
+    check_positive("rho", rho, fix="rho bounds the spectral norms ||W_k||_2; use rho > 0.")
+    return jnp.log(_f(rho))
+
+
+# --------------------------------------------------------------------------------------------
+# Section 4.2: residual networks
+# --------------------------------------------------------------------------------------------
+
+
+def residual_contraction(h: RealLike, m: RealLike, M_g: RealLike) -> Float[Array, "..."]:
+    r"""$c_x(h) = \sqrt{1 - 2hm + h^2 M_g^2}$, the one-step residual factor (Lemma 4.2, Thm 4.3).
+
+    Under (4.2), $\|I + hG_k(x)\|_2 \le c_x(h)$ for every $h > 0$ (inside or beyond
+    $h_{\max}$). The bound is sharp over the class (4.2): a normal $G = -mI + K$, $K$ skew with
+    $\|K\|_2 = \sqrt{M_g^2 - m^2}$, attains it (``models.LinearDissipativeBlock``), and when
+    $K^\top K = \kappa^2 I$ each layer is $c_x(h)$ times an orthogonal matrix, so the depth-$L$
+    bound $c_x(h)^L$ of Theorem 4.3 is attained too. Since $m \le M_g$, the radicand is
+    $\ge (1 - hM_g)^2 \ge 0$.
+
+    **Arguments:**
+
+    - `h`: the residual step $h > 0$.
+    - `m`: the dissipativity constant $m > 0$ of (4.2).
+    - `M_g`: the Jacobian bound $M_g \ge m$ of (4.2).
+
+    **Returns:** $c_x(h)$.
+
+    **Raises:** ``ValueError`` for concrete $h \le 0$, $m \le 0$, $M_g \le 0$ or $m > M_g$.
+    """
+    _check_residual(h, m, M_g)
+    h, m, M_g = _f(h), _f(m), _f(M_g)
+    return jnp.sqrt(1.0 - 2.0 * h * m + h**2 * M_g**2)
+
+
+def residual_exponent_bound(h: RealLike, m: RealLike, M_g: RealLike) -> Float[Array, "..."]:
+    r"""$\alpha_x \le \frac12 \log(1 - 2hm + h^2 M_g^2) = \log c_x(h)$ (Theorem 4.3).
+
+    Negative exactly when $0 < h < h_{\max} = 2m/M_g^2$; the bound still holds (and is
+    $\ge 0$) beyond. It is $-\infty$ in the degenerate case $m = M_g$, $h = 1/M_g$, where
+    $I + hG = 0$ for $G = -M_g I$.
+
+    **Arguments:** as [`residual_contraction`][lspsde.theory.residual_contraction].
+
+    **Returns:** $\frac12\log(1 - 2hm + h^2M_g^2)$.
+    """
+    _check_residual(h, m, M_g)
+    h, m, M_g = _f(h), _f(m), _f(M_g)
+    return 0.5 * jnp.log(1.0 - 2.0 * h * m + h**2 * M_g**2)
+
+
+def residual_step_max(m: RealLike, M_g: RealLike) -> Float[Array, "..."]:
+    r"""$h_{\max} = 2m / M_g^2$, the CFL-type step limit (eq. 4.3, Corollary 4.4).
+
+    $c_x(h) < 1$ if and only if $0 < h < h_{\max}$; $c_x(h_{\max}) = 1$.
+
+    **Arguments:**
+
+    - `m`: the dissipativity constant $m > 0$ of (4.2).
+    - `M_g`: the Jacobian bound $M_g \ge m$ of (4.2).
+
+    **Returns:** $2m/M_g^2$.
+    """
+    _check_residual(None, m, M_g)
+    return 2.0 * _f(m) / _f(M_g) ** 2
+
+
+def residual_optimal_step(m: RealLike, M_g: RealLike) -> Float[Array, "..."]:
+    r"""$h^\star = m / M_g^2 = h_{\max}/2$, the minimiser of $c_x(h)$, where
+    $c_x(h^\star)^2 = 1 - m^2/M_g^2$ (Theorem 4.3).
+
+    **Arguments:** as [`residual_step_max`][lspsde.theory.residual_step_max].
+    """
+    _check_residual(None, m, M_g)
+    return _f(m) / _f(M_g) ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# Section 5: stochastic gradient methods
+# --------------------------------------------------------------------------------------------
+
+
+def sgd_contraction(
+    eta: RealLike, mu: RealLike, L: RealLike, sigma1: RealLike
+) -> Float[Array, "..."]:
+    r"""$q(\eta) = 1 - 2\eta\mu + \eta^2(L^2 + \sigma_1^2)$ (Theorem 5.2, recursion 5.3).
+
+    The factor of the mean-square recursion
+    $\mathbb{E}\|\theta^{t+1} - \theta^*\|^2 \le q(\eta)\,\mathbb{E}\|\theta^t - \theta^*\|^2 +
+    \eta^2\sigma_0^2$. It lies in $[0, 1)$ for $0 < \eta < \eta_{\max}$. (Theorem 5.2 says
+    $0 < q$; in fact $q \ge (1 - \eta\mu)^2 \ge 0$ with $q = 0$ when $\mu = L$, $\sigma_1 = 0$,
+    $\eta = 1/\mu$.)
+
+    **Arguments:**
+
+    - `eta`: the constant learning rate $\eta > 0$.
+    - `mu`: the strong-convexity constant $\mu > 0$.
+    - `L`: the smoothness constant $L \ge \mu$.
+    - `sigma1`: the state-dependent noise coefficient $\sigma_1 \ge 0$ of Assumption 1.
+
+    **Returns:** $q(\eta)$.
+
+    **Raises:** ``ValueError`` for concrete $\eta \le 0$, $\mu \le 0$, $L \le 0$,
+    $\sigma_1 < 0$ or $\mu > L$.
+    """
+    _check_sgd(eta, mu, L, sigma1)
+    eta, mu, L, sigma1 = _f(eta), _f(mu), _f(L), _f(sigma1)
+    return 1.0 - 2.0 * eta * mu + eta**2 * (L**2 + sigma1**2)
+
+
+def sgd_step_max(mu: RealLike, L: RealLike, sigma1: RealLike) -> Float[Array, "..."]:
+    r"""$\eta_{\max} = 2\mu / (L^2 + \sigma_1^2)$ (eq. 5.4): $q(\eta) < 1$ iff
+    $0 < \eta < \eta_{\max}$, and $q(\eta_{\max}) = 1$.
+
+    **Arguments:** as [`sgd_contraction`][lspsde.theory.sgd_contraction], without `eta`.
+    """
+    _check_sgd(None, mu, L, sigma1)
+    mu, L, sigma1 = _f(mu), _f(L), _f(sigma1)
+    return 2.0 * mu / (L**2 + sigma1**2)
+
+
+def sgd_optimal_step(mu: RealLike, L: RealLike, sigma1: RealLike) -> Float[Array, "..."]:
+    r"""$\eta^\star = \mu/(L^2 + \sigma_1^2) = \eta_{\max}/2$, the minimiser of $q(\eta)$, where
+    $q(\eta^\star) = 1 - \mu^2/(L^2 + \sigma_1^2)$ (Theorem 5.2).
+
+    **Arguments:** as [`sgd_step_max`][lspsde.theory.sgd_step_max].
+    """
+    _check_sgd(None, mu, L, sigma1)
+    mu, L, sigma1 = _f(mu), _f(L), _f(sigma1)
+    return mu / (L**2 + sigma1**2)
+
+
+def sgd_exponent_bound(
+    eta: RealLike,
+    mu: RealLike,
+    L: RealLike,
+    sigma1: RealLike,
+    *,
+    energy: str = "mean_square",
+) -> Float[Array, "..."]:
+    r"""The bound on the parametric exponent $\alpha_\theta$ of Theorem 5.2(2), corrected for norms.
+
+    - ``energy="mean_square"`` (default): $\log q(\eta)$, as Theorem 5.2(2) states. This is the
+      per-step decay rate of the mean-square energy $\mathbb{E}\|\theta^t - \theta^*\|^2$
+      (Theorem 5.2(1) with $\sigma_0 = 0$): a rate for a *squared* norm.
+    - ``energy="norm"``: $\frac12 \log q(\eta)$, the rate for the operator norm
+      $\|\partial\theta^t/\partial\theta^0\|$, which is how Section 2 defines $\alpha_\theta$.
+
+    Theorem 5.2(2) as stated ($\alpha_\theta \le \log q$ for the norm exponent) is **false**:
+    for gradient descent on a quadratic with Hessian spectrum in $[\mu, L]$ the sensitivity is
+    $(I - \eta H)^t$, whose norm decays at rate $\max_\lambda |1 - \eta\lambda| \le
+    q(\eta)^{1/2}$, with equality for $\mu = L$, $\sigma_1 = 0$ (where $q = (1-\eta\mu)^2$).
+    With $\mu = L = 1$, $\sigma_1 = 0$, $\eta = 1/2$: $q = 1/4$, $\log q = -1.386$, yet the
+    exact norm exponent is $\log(1/2) = -0.693$. The bound $\frac12\log q$ holds and is attained.
+    For the stochastic case $\frac12\log q$ is the rate of the root-mean-square error
+    $(\mathbb{E}\|\theta^t - \theta^*\|^2)^{1/2}$ when $\sigma_0 = 0$; for coupled trajectories
+    it needs the variance bound of Assumption 1 between pairs of points.
+
+    Both bounds hold for every $\eta > 0$; they are negative exactly when $\eta < \eta_{\max}$.
+
+    **Arguments:** as [`sgd_contraction`][lspsde.theory.sgd_contraction], plus
+
+    - `energy`: ``"mean_square"`` ($\log q$) or ``"norm"`` ($\frac12\log q$).
+    """
+    if energy not in ("mean_square", "norm"):
+        raise ValueError(
+            f"Unknown energy {energy!r}; use 'mean_square' (log q, the rate of "
+            "E||theta - theta*||^2) or 'norm' (1/2 log q, the rate of ||d theta^t / d theta^0||)."
+        )
+    log_q = jnp.log(sgd_contraction(eta, mu, L, sigma1))
+    return log_q if energy == "mean_square" else 0.5 * log_q
+
+
+def sgd_stationary_level(
+    eta: RealLike, mu: RealLike, L: RealLike, sigma0: RealLike, sigma1: RealLike
+) -> Float[Array, "..."]:
+    r"""$m_\infty = \eta^2\sigma_0^2 / (1 - q(\eta))$, the noise floor of Theorem 5.2(1).
+
+    The fixed point of $m_{t+1} = q\,m_t + \eta^2\sigma_0^2$, to which the bound on
+    $\mathbb{E}\|\theta^t - \theta^*\|^2$ converges for $\eta < \eta_{\max}$. Where
+    $q(\eta) \ge 1$ there is no stationary level and ``inf`` is returned (divergence is data).
+
+    **Arguments:** as [`sgd_contraction`][lspsde.theory.sgd_contraction], plus
+
+    - `sigma0`: the additive noise level $\sigma_0 \ge 0$ of Assumption 1.
+    """
+    check_positive(
+        "sigma0",
+        sigma0,
+        allow_zero=True,
+        fix="sigma0^2 is a variance (Assumption 1); use sigma0 >= 0.",
+    )
+    q = sgd_contraction(eta, mu, L, sigma1)
+    gap = 1.0 - q
+    level = _f(eta) ** 2 * _f(sigma0) ** 2 / jnp.where(gap > 0, gap, 1.0)
+    return jnp.where(gap > 0, level, jnp.inf)
+
+
+def _geometric(q: Array, t: Array) -> tuple[Array, Array]:
+    """``(q**t, sum_{s<t} q**s)``, accurate for ``q`` near 1 (``expm1``/``log1p``)."""
+    d = q - 1.0
+    is_one = d == 0
+    t_log_q = jnp.where(t == 0, 0.0, t * jnp.log1p(jnp.where(is_one, 0.0, d)))
+    q_t = jnp.exp(t_log_q)
+    geom = jnp.where(is_one, t, jnp.expm1(t_log_q) / jnp.where(is_one, 1.0, d))
+    return q_t, geom
+
+
+def sgd_mean_square_bound(
+    t: RealLike,
+    m0: RealLike,
+    eta: RealLike,
+    mu: RealLike,
+    L: RealLike,
+    sigma0: RealLike,
+    sigma1: RealLike,
+) -> Float[Array, "..."]:
+    r"""$\mathbb{E}\|\theta^t - \theta^*\|^2 \le q^t m_0 + \eta^2\sigma_0^2 \frac{1-q^t}{1-q}$.
+
+    Theorem 5.2(1) iterated $t$ times from $m_0 = \mathbb{E}\|\theta^0 - \theta^*\|^2$ (at
+    $q = 1$ the sum is $t\,\eta^2\sigma_0^2$). Valid for every $\eta > 0$; it converges to
+    [`sgd_stationary_level`][lspsde.theory.sgd_stationary_level] when $\eta < \eta_{\max}$.
+
+    **Arguments:**
+
+    - `t`: the step count $t \ge 0$ (broadcasts: pass ``jnp.arange(T + 1)`` for a curve).
+    - `m0`: the initial mean-square error $m_0 \ge 0$.
+    - others as [`sgd_stationary_level`][lspsde.theory.sgd_stationary_level].
+    """
+    check_positive("t", t, allow_zero=True, fix="t counts SGD steps; use t >= 0.")
+    check_positive(
+        "m0", m0, allow_zero=True, fix="m0 = E||theta^0 - theta*||^2 is >= 0 by definition."
+    )
+    check_positive(
+        "sigma0",
+        sigma0,
+        allow_zero=True,
+        fix="sigma0^2 is a variance (Assumption 1); use sigma0 >= 0.",
+    )
+    q = sgd_contraction(eta, mu, L, sigma1)
+    q_t, geom = _geometric(q, _f(t))
+    return q_t * _f(m0) + _f(eta) ** 2 * _f(sigma0) ** 2 * geom
+
+
+def robbins_monro_conditions(p: RealLike) -> Bool[Array, "..."]:
+    r"""Whether $\eta_t = c/(t + t_0)^p$ satisfies the conditions of Theorem 5.3.
+
+    $\sum_t \eta_t = \infty$ iff $p \le 1$ and $\sum_t \eta_t^2 < \infty$ iff $p > 1/2$
+    (integral test), so both hold iff $p \in (1/2, 1]$. Independent of $c, t_0 > 0$.
+
+    **Arguments:**
+
+    - `p`: the decay exponent (any finite real).
+
+    **Returns:** a boolean array, ``True`` where $p \in (1/2, 1]$.
+    """
+    arr = _concrete_array(p)
+    if arr is not None and not np.all(np.isfinite(arr)):
+        raise ValueError(f"`p` must be finite, got {arr!r}; the schedule is c / (t + t0)^p.")
+    p = _f(p)
+    return (p > 0.5) & (p <= 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators of the constants from a concrete model
+# --------------------------------------------------------------------------------------------
+
+
+def layer_spectral_norms(flow: Feedforward) -> Float[Array, " L"]:
+    r"""$(\|W_0\|_2, \dots, \|W_{L-1}\|_2)$ of a feedforward flow, by exact SVD (Theorem 4.1).
+
+    **Arguments:**
+
+    - `flow`: a [`Feedforward`][lspsde.representation.Feedforward] network.
+
+    **Returns:** the spectral norms, shape ``(L,)``.
+    """
+    if not isinstance(flow, Feedforward):
+        raise TypeError(
+            f"`flow` must be an lspsde.representation.Feedforward, got {type(flow).__name__}; "
+            "for other layers use `lspsde.linalg.jacobian_norm` on each layer map."
+        )
+    return _layer_norms(flow.weights)
+
+
+@jax.jit
+def _layer_norms(weights: tuple[Array, ...]) -> Array:
+    return jnp.stack([jnp.linalg.svd(w, compute_uv=False)[0] for w in weights])
+
+
+def feedforward_rho(flow: Feedforward) -> Float[Array, ""]:
+    r"""$\rho = \max_k \|W_k\|_2$, the smallest constant Theorem 4.1 applies with."""
+    return jnp.max(layer_spectral_norms(flow))
+
+
+def residual_block_constants(
+    block: Callable[[Array], Array], xs: Float[ArrayLike, "*n d"]
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    r"""Estimates $(\hat m, \hat M_g)$ of the constants of (4.2) for one residual block $g$.
+
+    With $G(x) = \partial g/\partial x$ computed densely (``jax.jacfwd``; blocks are at most a few
+    hundred wide),
+
+    $$\hat m = -\max_i \lambda_{\max}\big(\tfrac12(G(x_i) + G(x_i)^\top)\big), \qquad
+    \hat M_g = \max_i \|G(x_i)\|_2 .$$
+
+    A maximum over sample points is an estimate *from inside*: the true constants over all $x$
+    satisfy $m \le \hat m$ and $M_g \ge \hat M_g$, so $c_x(h)$ from the estimates can be
+    optimistic. For a linear block ($G$ constant) the estimates are exact.
+
+    **Arguments:**
+
+    - `block`: the residual function $x \mapsto g(x)$, $\mathbb{R}^d \to \mathbb{R}^d$.
+    - `xs`: the sample points, shape ``(n, d)`` (or ``(d,)`` for one point).
+
+    **Returns:** ``(m_hat, M_g_hat)``.
+    """
+    if not callable(block):
+        raise TypeError(f"`block` must be callable x -> g(x), got {type(block).__name__}.")
+    xs = jnp.asarray(xs)
+    if xs.ndim == 1:
+        xs = xs[None]
+    if xs.ndim != 2 or xs.shape[0] == 0:
+        raise ValueError(f"`xs` must have shape (n, d) with n >= 1, got {xs.shape}.")
+    out = jax.eval_shape(block, xs[0])
+    if out.shape != xs.shape[1:]:
+        raise ValueError(
+            f"The block maps R^{xs.shape[1]} to shape {out.shape}; a residual block g must map "
+            "R^d to R^d (eq. 4.1)."
+        )
+
+    return _block_constants(block, xs)
+
+
+@eqx.filter_jit
+def _block_constants(block: Callable[[Array], Array], xs: Array) -> tuple[Array, Array]:
+    def one(x: Array) -> tuple[Array, Array]:
+        G = jax.jacfwd(block)(x)
+        top_sym = jnp.linalg.eigvalsh(0.5 * (G + G.T))[-1]
+        return top_sym, jnp.linalg.svd(G, compute_uv=False)[0]
+
+    top_sym, norms = jax.vmap(one)(xs)
+    return -jnp.max(top_sym), jnp.max(norms)
+
+
+def objective_constants(
+    objective: AbstractObjective,
+    theta: PyTree[ArrayLike],
+    *,
+    method: str = "lanczos",
+    max_steps: int = 64,
+    rtol: float = 1e-6,
+    key: PRNGKeyArray | None = None,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    r"""Estimates $(\hat\mu, \hat L)$ = extreme eigenvalues of $\nabla^2\mathcal{L}(\theta)$.
+
+    For quadratics and least squares the Hessian is constant, so these are the exact $\mu$ and
+    $L$ of Assumption 1 at any $\theta$. For other objectives they are *local* values at
+    $\theta$ (e.g. at $\theta^*$ they give the asymptotic rates), not global constants.
+
+    **Arguments:**
+
+    - `objective`: an [`AbstractObjective`][lspsde.objectives.AbstractObjective].
+    - `theta`: the point, any pytree of arrays.
+    - `method`: ``"lanczos"`` (matrix-free, Hessian-vector products;
+      ``lspsde.linalg.hessian_extreme_eigenvalues``) or ``"dense"`` (the full Hessian and
+      ``eigvalsh``; exact, for small problems).
+    - `max_steps`, `rtol`, `key`: passed to the Lanczos solver.
+
+    **Returns:** ``(mu_hat, L_hat)``. A ``RuntimeWarning`` is issued when Lanczos did not
+    converge to ``rtol`` (raise ``max_steps`` or use ``method="dense"``).
+    """
+    if not isinstance(objective, AbstractObjective):
+        raise TypeError(
+            f"`objective` must be an lspsde.objectives.AbstractObjective, got "
+            f"{type(objective).__name__}."
+        )
+    if method not in ("lanczos", "dense"):
+        raise ValueError(f"Unknown method {method!r}; use 'lanczos' or 'dense'.")
+    if method == "dense":
+        lam_min, lam_max = linalg.dense_hessian_extreme_eigenvalues(objective.loss, theta)
+        return jnp.asarray(lam_min), jnp.asarray(lam_max)
+    res = linalg.hessian_extreme_eigenvalues(
+        objective.loss, theta, max_steps=max_steps, rtol=rtol, key=key
+    )
+    converged = _concrete_array(res.converged)
+    if converged is not None and not np.all(converged):
+        warnings.warn(
+            f"Lanczos did not converge to rtol={rtol} in {max_steps} steps; the Hessian "
+            "eigenvalue estimates may be inaccurate. Raise `max_steps` or use method='dense'.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return jnp.asarray(res.lambda_min), jnp.asarray(res.lambda_max)
