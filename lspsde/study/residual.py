@@ -1,0 +1,252 @@
+r"""Experiment *residual_cfl*: Lemma 4.2, Theorem 4.3 and Corollary 4.4.
+
+Residual networks $X_{k+1} = X_k + h g_k(X_k)$ with blocks of known dissipativity $m$ and
+Jacobian bound $M_g$ (``models.residual``) are swept over $h = r\,h_{\max}(m)$ for a grid of
+ratios $r$ across 1 and a grid of $m$. Measured: the per-layer factor
+$\max_k\|I + hG_k\|_2$ (Lemma 4.2 predicts $\le c_x(h)$) and the forward growth rate
+$\alpha_x = \frac1L\log\sup_x\|\partial X_L/\partial X_0\|_2$ (Theorem 4.3 predicts
+$\le \frac12\log(1 - 2hm + h^2M_g^2)$, negative for $h < h_{\max} = 2m/M_g^2$).
+
+Kinds: ``linear_shared`` (every layer the same normal map $I + hA$: the bounds are attained, and
+the measured stability boundary is exactly $h_{\max}$); ``linear`` (independent blocks: the
+bound holds, the product of non-commuting layers is smaller); ``nonlinear`` (tanh blocks with
+exact $m$ and a conservative $M_g$: the measured boundary lies beyond $h_{\max}$, and the ratio
+says how conservative the CFL condition is).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optimistix as optx
+from tqdm.auto import tqdm
+import xarray as xr
+
+import models
+
+from .. import theory
+from ..profile import representation_profile
+from .runner import Check, Experiment
+from .schema import ResidualCFL
+
+
+def _profile_at(norm, net, probes, h):
+    net_h = eqx.tree_at(lambda n: n.step_size, net, h)
+    prof = representation_profile(
+        net_h, probes, method=norm.method, max_steps=norm.max_steps, rtol=norm.rtol
+    )
+    return prof.cumulative[:, -1].max(), prof.sigma_x.max(), prof.converged
+
+
+@eqx.filter_jit
+def _measure(norm, net, probes, hs):
+    return jax.vmap(lambda h: _profile_at(norm, net, probes, h))(hs)
+
+
+@eqx.filter_jit
+def _boundary(norm, net, probes, h_max, lower, upper):
+    r"""Root of the measured $\alpha_x(r\,h_{\max})$ in the ratio $r \in$ [lower, upper]."""
+
+    def alpha(r, _):
+        jac, _, _ = _profile_at(norm, net, probes, r * h_max)
+        return jnp.log(jac) / net.depth
+
+    sol = optx.root_find(
+        alpha,
+        optx.Bisection(rtol=1e-7, atol=1e-7),
+        0.5 * (lower + upper),
+        options={"lower": lower, "upper": upper},
+        throw=False,
+    )
+    return sol.value, sol.result == optx.RESULTS.successful
+
+
+def critical_ratio(norm, net, probes, h_max, ratios: np.ndarray, alpha: np.ndarray) -> float:
+    """The smallest $h/h_{\\max}$ at which the measured $\alpha_x$ reaches 0.
+
+    The grid brackets the first sign change; bisection (optimistix) on the measured exponent
+    then locates it to ~1e-7. ``inf`` if $\alpha_x < 0$ over the whole grid, the first ratio if
+    it is already non-negative there, ``nan`` if the bisection failed.
+    """
+    nonneg = np.flatnonzero(alpha >= 0)
+    if nonneg.size == 0:
+        return np.inf
+    i = nonneg[0]
+    if i == 0:
+        return float(ratios[0])
+    root, ok = _boundary(norm, net, probes, h_max, float(ratios[i - 1]), float(ratios[i]))
+    return float(root) if bool(ok) else np.nan
+
+
+def run(cfg: ResidualCFL, key, progress: bool) -> xr.Dataset:
+    kinds, ms, ratios = cfg.kind, np.asarray(cfg.m), np.asarray(cfg.h_over_hmax)
+    shape = (len(kinds), len(ms), len(ratios))
+    jac = np.zeros(shape)
+    layer = np.zeros(shape)
+    converged = np.zeros(shape, dtype=bool)
+    m_used = np.zeros(shape[:2])
+    crit = np.zeros(shape[:2])
+    Mg_used = np.zeros(shape[:2])
+    probe_key, net_key = jax.random.split(key)
+    probes = jax.random.normal(probe_key, (cfg.n_probes, cfg.dim))
+    grid = [(a, b) for a in range(len(kinds)) for b in range(len(ms))]
+    for a, b in tqdm(grid, disable=not progress, desc="residual_cfl"):
+        kind = kinds[a]
+        extra = {"nonlinear_fraction": cfg.nonlinear_fraction} if kind == "nonlinear" else {}
+        net = models.residual_network(
+            jax.random.fold_in(net_key, b),
+            cfg.dim,
+            cfg.depth,
+            1.0,
+            float(ms[b]),
+            cfg.M_g,
+            kind="nonlinear" if kind == "nonlinear" else "linear",
+            shared=kind == "linear_shared",
+            **extra,
+        )
+        m, M_g = (float(c) for c in models.residual_network_constants(net))
+        m_used[a, b], Mg_used[a, b] = m, M_g
+        h_max_ab = float(theory.residual_step_max(m, M_g))
+        cum, sig, ok = _measure(cfg.norm, net, probes, jnp.asarray(ratios * h_max_ab))
+        jac[a, b], layer[a, b], converged[a, b] = np.asarray(cum), np.asarray(sig), np.asarray(ok)
+        with np.errstate(divide="ignore"):
+            alpha_ab = np.log(jac[a, b]) / cfg.depth
+        crit[a, b] = critical_ratio(cfg.norm, net, probes, h_max_ab, ratios, alpha_ab)
+
+    h_max = 2 * m_used / Mg_used**2
+    h = ratios[None, None, :] * h_max[..., None]
+    c_x = np.asarray(theory.residual_contraction(h, m_used[..., None], Mg_used[..., None]))
+    diverged = ~np.isfinite(jac)
+    with np.errstate(divide="ignore"):
+        alpha = np.where(diverged, np.inf, np.log(np.where(diverged, 1.0, jac)) / cfg.depth)
+    bound = np.log(c_x)  # = 0.5 log(1 - 2hm + h^2 M_g^2), Theorem 4.3
+    tol = 10 * cfg.norm.rtol
+    dims = ("kind", "m", "h_ratio")
+    ds = xr.Dataset(
+        {
+            "h": (dims, h, {"long_name": "residual step h"}),
+            "h_max": (("kind", "m"), h_max, {"long_name": "2m/M_g^2 (eq. 4.3)"}),
+            "M_g": (("kind", "m"), Mg_used, {"long_name": "Jacobian bound M_g of the blocks"}),
+            "jacobian_norm": (dims, jac, {"long_name": "sup_x ||dX_L/dX_0||_2 over probes"}),
+            "alpha_x": (dims, alpha, {"long_name": "(1/L) log sup_x ||dX_L/dX_0||"}),
+            "alpha_x_bound": (dims, bound, {"long_name": "0.5 log(1-2hm+h^2 M_g^2) (Thm 4.3)"}),
+            "layer_factor": (dims, layer, {"long_name": "max_k sup_x ||I + h G_k||_2"}),
+            "layer_bound": (dims, c_x, {"long_name": "c_x(h) (Lemma 4.2)"}),
+            "holds_lemma": (dims, layer <= c_x * (1 + tol)),
+            "holds_theorem": (dims, alpha <= bound + tol),
+            "tightness": (dims, alpha - bound, {"long_name": "measured - predicted exponent"}),
+            "critical_ratio": (
+                ("kind", "m"),
+                crit,
+                {"long_name": "measured h*/h_max where alpha_x reaches 0 (inf: not in grid)"},
+            ),
+            "diverged": (dims, diverged),
+            "converged": (dims, converged),
+        },
+        coords={"kind": list(kinds), "m": ms, "h_ratio": ratios},
+        attrs={
+            "theorem": "Katende (2025) Lemma 4.2, Theorem 4.3, Corollary 4.4",
+            "depth": cfg.depth,
+            "dim": cfg.dim,
+            "tolerance": tol,
+        },
+    )
+    return ds
+
+
+def checks(ds: xr.Dataset) -> list[Check]:
+    rows = []
+    for kind in ds.kind.values:
+        for m in ds.m.values:
+            for r in ds.h_ratio.values:
+                s = ds.sel(kind=kind, m=m, h_ratio=r)
+                if bool(s.diverged):
+                    rows.append(
+                        Check(
+                            "Thm 4.3",
+                            f"{kind}, m={m:g}, h={r:g} h_max",
+                            "-",
+                            "diverged",
+                            None,
+                            "non-finite Jacobian",
+                        )
+                    )
+                    continue
+                note = "h >= h_max: bound > 0" if r >= 1 else ""
+                if abs(float(s.tightness)) < 1e-6:
+                    note = (note + "; " if note else "") + "attained"
+                rows.append(
+                    Check(
+                        "Thm 4.3",
+                        f"{kind}, m={m:g}, h={r:g} h_max",
+                        f"alpha_x <= {float(s.alpha_x_bound):.4f}",
+                        f"{float(s.alpha_x):.4f}",
+                        bool(s.holds_theorem) and bool(s.holds_lemma),
+                        note,
+                    )
+                )
+            crit = float(ds.critical_ratio.sel(kind=kind, m=m))
+            rows.append(
+                Check(
+                    "Cor 4.4",
+                    f"{kind}, m={m:g}: stability boundary",
+                    "h* >= h_max",
+                    "h* > grid" if np.isinf(crit) else f"h* = {crit:.3f} h_max",
+                    None if np.isnan(crit) else bool(crit >= 1 - 1e-5),
+                    "tight" if abs(crit - 1) < 1e-5 else "",
+                )
+            )
+    return rows
+
+
+def summary(ds: xr.Dataset) -> str:
+    held = int((ds.holds_theorem & ds.holds_lemma & ~ds.diverged).sum())
+    n = int((~ds.diverged).sum())
+    parts = []
+    for kind in ds.kind.values:
+        c = ds.critical_ratio.sel(kind=kind).values
+        finite = c[np.isfinite(c)]
+        rng = f"{finite.min():.3f}–{finite.max():.3f}" if finite.size else "beyond the grid"
+        parts.append(f"`{kind}`: h*/h_max in {rng}")
+    return (
+        f"Lemma 4.2 and Theorem 4.3 hold in {held} of {n} finite cases (depth "
+        f"{ds.attrs['depth']}, width {ds.attrs['dim']}). Measured stability boundary "
+        f"(where alpha_x reaches 0) relative to the CFL step h_max = 2m/M_g^2: "
+        + "; ".join(parts)
+        + ". A ratio of 1 means Corollary 4.4 is sharp; above 1, it is conservative by that factor."
+    )
+
+
+def figures(ds: xr.Dataset) -> dict:
+    nk = ds.sizes["kind"]
+    fig, axes = plt.subplots(1, nk, figsize=(4.5 * nk, 3.8), squeeze=False)
+    vmax = float(np.nanmax(np.abs(np.where(np.isfinite(ds.alpha_x), ds.alpha_x, np.nan))))
+    for ax, kind in zip(axes[0], ds.kind.values, strict=True):
+        s = ds.sel(kind=kind)
+        hh = s.h.values.ravel()
+        mm = np.repeat(s.m.values, s.sizes["h_ratio"])
+        sc = ax.scatter(hh, mm, c=s.alpha_x.values.ravel(), cmap="coolwarm", vmin=-vmax, vmax=vmax)
+        mgrid = np.linspace(0, float(s.m.max()) * 1.05, 100)
+        ax.plot(2 * mgrid / float(s.M_g.max()) ** 2, mgrid, "k-", label="h_max = 2m/M_g^2")
+        crit = s.critical_ratio.values * s.h_max.values
+        ok = np.isfinite(crit)
+        ax.plot(crit[ok], s.m.values[ok], "g--o", ms=3, label="measured boundary")
+        ax.set(title=kind, xlabel="h", ylabel="m")
+        ax.legend(fontsize=7)
+    fig.colorbar(sc, ax=axes[0].tolist(), label="measured alpha_x")
+    fig.suptitle("Residual CFL phase diagram (Cor 4.4)")
+    fig2, axes2 = plt.subplots(1, nk, figsize=(4.5 * nk, 3.5), squeeze=False)
+    for ax, kind in zip(axes2[0], ds.kind.values, strict=True):
+        s = ds.sel(kind=kind)
+        for m in s.m.values:
+            line = ax.plot(s.h_ratio, s.alpha_x.sel(m=m), "o", ms=3, label=f"m={m:g}")
+            ax.plot(s.h_ratio, s.alpha_x_bound.sel(m=m), "-", color=line[0].get_color(), lw=1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(1, color="k", lw=0.5, ls=":")
+        ax.set(title=kind, xlabel="h / h_max", ylabel="alpha_x (dots) and bound (lines)")
+        ax.legend(fontsize=7)
+    return {"phase_diagram": fig, "alpha_vs_h": fig2}
+
+
+EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
