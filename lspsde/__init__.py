@@ -1,3 +1,55 @@
-"""lspsde: measurable stability theory of learning systems, in JAX."""
+"""lspsde: measurable stability theory of learning systems, in JAX.
+
+Learning is a coupled representation–parameter dynamical system (Katende, 2025). lspsde builds
+such systems from Equinox models, measures their Learning Stability Profile (operator norms of
+the Jacobian blocks of the one-step learning map) and stability exponents, and puts every
+closed-form prediction of the theory (``lspsde.theory``) next to the measurement.
+"""
 
 __version__ = "0.1.0"
+
+from . import linalg as linalg, theory as theory
+from .exponents import (
+    growth_rate as growth_rate,
+    stability_exponents as stability_exponents,
+    StabilityExponents as StabilityExponents,
+    sup_exponent as sup_exponent,
+)
+from .lyapunov import (
+    flow_map as flow_map,
+    lyapunov_spectrum as lyapunov_spectrum,
+    lyapunov_trace as lyapunov_trace,
+)
+from .noise import AbstractNoise as AbstractNoise, NoNoise as NoNoise
+from .objectives import (
+    AbstractObjective as AbstractObjective,
+    parameters as parameters,
+    SupervisedLoss as SupervisedLoss,
+)
+from .parameter import (
+    AbstractParameterFlow as AbstractParameterFlow,
+    GradientDescent as GradientDescent,
+)
+from .profile import (
+    learning_profile as learning_profile,
+    representation_profile as representation_profile,
+    RepresentationProfile as RepresentationProfile,
+    StabilityProfile as StabilityProfile,
+)
+from .representation import (
+    AbstractRepresentationFlow as AbstractRepresentationFlow,
+    Feedforward as Feedforward,
+    from_equinox as from_equinox,
+    LayerSequence as LayerSequence,
+    Residual as Residual,
+)
+from .schedules import (
+    AbstractSchedule as AbstractSchedule,
+    Constant as Constant,
+    RobbinsMonro as RobbinsMonro,
+)
+from .system import (
+    LearningState as LearningState,
+    LearningSystem as LearningSystem,
+    parameter_trajectory as parameter_trajectory,
+)
