@@ -9,6 +9,12 @@ closed-form prediction of the theory (``lspsde.theory``) next to the measurement
 __version__ = "0.1.0"
 
 from . import linalg as linalg, theory as theory
+from .energy import (
+    dissipation_rate as dissipation_rate,
+    fit_recursion as fit_recursion,
+    mean_square as mean_square,
+    quadratic_mean_square as quadratic_mean_square,
+)
 from .exponents import (
     growth_rate as growth_rate,
     stability_exponents as stability_exponents,
@@ -29,6 +35,8 @@ from .objectives import (
 from .parameter import (
     AbstractParameterFlow as AbstractParameterFlow,
     GradientDescent as GradientDescent,
+    SGD as SGD,
+    SubgradientMethod as SubgradientMethod,
 )
 from .profile import (
     learning_profile as learning_profile,

@@ -38,5 +38,45 @@ class GradientDescent(AbstractParameterFlow):
         self.step_size = as_schedule(step_size)
 
     def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
-        eta = self.step_size(t)
-        return jax.tree.map(lambda p, g: p - eta * g, theta, grad)
+        return _descent(self.step_size, t, theta, grad)
+
+
+def _descent(step_size: AbstractSchedule, t: ArrayLike, theta, grad):
+    eta = step_size(t)
+    return jax.tree.map(lambda p, g: p - eta * g, theta, grad)
+
+
+class SGD(AbstractParameterFlow):
+    r"""Stochastic gradient descent $\theta^{t+1} = \theta^t - \eta_t G(\theta^t, u^t)$ (eq. 5.1).
+
+    The update rule is that of [`GradientDescent`][]; the stochastic gradient $G$ comes from the
+    noise model (``lspsde.GaussianNoise``, minibatch sampling, ...). Use a number for a constant
+    step (Theorem 5.2) or ``RobbinsMonro(c, t0, p)`` for decreasing steps (Theorem 5.3).
+    """
+
+    step_size: AbstractSchedule
+
+    def __init__(self, step_size: "float | Array | AbstractSchedule"):
+        self.step_size = as_schedule(step_size)
+
+    def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
+        return _descent(self.step_size, t, theta, grad)
+
+
+class SubgradientMethod(AbstractParameterFlow):
+    r"""The (stochastic) subgradient method $\theta^{t+1} = \theta^t - \eta_t g^t$,
+    $g^t \in \partial_C \mathcal{L}(\theta^t)$ + noise (Section 6).
+
+    For piecewise-smooth objectives built from ``jnp.abs``, ``relu``, ``max`` and the like,
+    ``jax.grad`` returns one element of the Clarke subdifferential at a kink (the convention of
+    each primitive), which is what this update uses. Decreasing steps (``RobbinsMonro``) are the
+    usual choice: with a constant step the iterates only reach a neighbourhood of the minimiser.
+    """
+
+    step_size: AbstractSchedule
+
+    def __init__(self, step_size: "float | Array | AbstractSchedule"):
+        self.step_size = as_schedule(step_size)
+
+    def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
+        return _descent(self.step_size, t, theta, grad)
