@@ -26,7 +26,18 @@ from .lyapunov import (
     lyapunov_spectrum as lyapunov_spectrum,
     lyapunov_trace as lyapunov_trace,
 )
-from .noise import AbstractNoise as AbstractNoise, NoNoise as NoNoise
+from .noise import (
+    AbstractNoise as AbstractNoise,
+    AlphaStableNoise as AlphaStableNoise,
+    AnisotropicGaussian as AnisotropicGaussian,
+    Assumption1 as Assumption1,
+    CurvatureNoise as CurvatureNoise,
+    GaussianNoise as GaussianNoise,
+    IsotropicGaussian as IsotropicGaussian,
+    MinibatchNoise as MinibatchNoise,
+    NoNoise as NoNoise,
+    StudentTNoise as StudentTNoise,
+)
 from .objectives import (
     AbstractObjective as AbstractObjective,
     parameters as parameters,

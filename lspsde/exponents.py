@@ -63,7 +63,7 @@ class StabilityExponents(eqx.Module):
     alpha_x_sup: Float[Array, " T"] | None
     alpha_theta: Float[Array, ""]
     alpha_theta_sup: Float[Array, ""]
-    alpha_u: Float[Array, ""]
+    alpha_u: Float[Array, ""] | None
 
 
 def stability_exponents(profile: StabilityProfile) -> StabilityExponents:
@@ -78,5 +78,5 @@ def stability_exponents(profile: StabilityProfile) -> StabilityExponents:
         alpha_x_sup=alpha_x_sup,
         alpha_theta=growth_rate(profile.cum_theta[-1], T),
         alpha_theta_sup=jnp.log(jnp.maximum(jnp.max(profile.cum_theta), 1.0)) / T,
-        alpha_u=jnp.log(jnp.max(profile.cum_u)) / T,
+        alpha_u=None if profile.cum_u is None else jnp.log(jnp.max(profile.cum_u)) / T,
     )

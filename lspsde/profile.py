@@ -156,14 +156,15 @@ class StabilityProfile(eqx.Module):
     ``cum_theta`` $= \|\partial\theta^t/\partial\theta^0\|_2$ and
     ``cum_u`` $= \|\partial\theta^t/\partial(u^0..u^{t-1})\|_2$ (zero at $t = 0$), and ``loss``.
     Depth blocks (shape ``(T_saved, L)``, ``None`` without a representation): ``sigma_x``
-    and ``cum_x``, suprema over the probes.
+    and ``cum_x``, suprema over the probes. ``sigma_u`` and ``cum_u`` are ``None`` when the
+    update noise is discrete (minibatch indices), where no derivative in $u$ exists.
     """
 
     steps: Int[Array, " T"]
     sigma_theta: Float[Array, " T"]
-    sigma_u: Float[Array, " T"]
+    sigma_u: Float[Array, " T"] | None
     cum_theta: Float[Array, " T"]
-    cum_u: Float[Array, " T"]
+    cum_u: Float[Array, " T"] | None
     loss: Float[Array, " T"]
     sigma_x: Float[Array, "T L"] | None
     cum_x: Float[Array, "T L"] | None
@@ -195,15 +196,20 @@ def _saved_steps(n_steps: int, save_every: int) -> Array:
 def _learning_profile(system, theta0, key, n_steps, save_every, options):
     thetas, us = parameter_trajectory(system, theta0, n_steps, key=key)
     steps = _saved_steps(n_steps, save_every)
+    discrete_u = not all(jnp.issubdtype(u.dtype, jnp.inexact) for u in jax.tree.leaves(us))
 
     def at(t):
         theta_t = jax.tree.map(lambda a: a[t], thetas)
         u_t = system.noise_at(key, t, theta_t)
         s_th, ok1 = options.norm(lambda th: system.parameter_map(t, th, u_t), theta_t)
-        s_u, ok2 = options.norm(lambda u: system.parameter_map(t, theta_t, u), u_t)
         c_th, ok3 = options.norm(lambda th0: _theta_at(system, th0, us, t, n_steps), theta0)
-        c_u, ok4 = options.norm(lambda uu: _theta_at(system, theta0, uu, t, n_steps), us)
-        c_u = jnp.where(t == 0, 0.0, c_u)
+        if discrete_u:  # u is data indices: no derivative in u exists
+            s_u = c_u = jnp.array(0.0)
+            ok2 = ok4 = jnp.array(True)
+        else:
+            s_u, ok2 = options.norm(lambda u: system.parameter_map(t, theta_t, u), u_t)
+            c_u, ok4 = options.norm(lambda uu: _theta_at(system, theta0, uu, t, n_steps), us)
+            c_u = jnp.where(t == 0, 0.0, c_u)
         loss = system.objective.loss(theta_t)
         ok = ok1 & ok2 & ok3 & ok4
         if system.representation is None:
@@ -228,9 +234,9 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options):
     return StabilityProfile(
         steps=steps,
         sigma_theta=out[0],
-        sigma_u=out[1],
+        sigma_u=None if discrete_u else out[1],
         cum_theta=out[2],
-        cum_u=out[3],
+        cum_u=None if discrete_u else out[3],
         loss=out[4],
         sigma_x=sigma_x,
         cum_x=cum_x,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 import numpy as np
 import optimistix as optx
 
@@ -159,6 +159,17 @@ class LeastSquares(AbstractObjective):
     def gradient(self, theta: Float[Array, " d"]) -> Float[Array, " d"]:
         return self.A.T @ (self.A @ theta - self.b) / self.A.shape[0]
 
+    @property
+    def n_examples(self) -> int:
+        """$n$: the loss is the mean of ``per_example_loss`` over $i < n$ (minibatch noise)."""
+        return self.A.shape[0]
+
+    def per_example_loss(
+        self, theta: Float[Array, " d"], i: Int[ArrayLike, ""]
+    ) -> Float[Array, ""]:
+        r"""$\ell_i(\theta) = \frac12 (a_i^\top\theta - b_i)^2$."""
+        return 0.5 * (self.A[i] @ theta - self.b[i]) ** 2
+
     def minimizer(self) -> Float[Array, " d"]:
         return self.theta_star
 
@@ -248,6 +259,18 @@ class LogisticRegression(AbstractObjective):
 
     def loss(self, theta: Float[Array, " d"]) -> Float[Array, ""]:
         return _logistic_loss(theta, (self.X, self.s, self.l2))
+
+    @property
+    def n_examples(self) -> int:
+        """$n$: the loss is the mean of ``per_example_loss`` over $i < n$ (minibatch noise)."""
+        return self.X.shape[0]
+
+    def per_example_loss(
+        self, theta: Float[Array, " d"], i: Int[ArrayLike, ""]
+    ) -> Float[Array, ""]:
+        r"""$\log(1 + e^{-s_i x_i^\top\theta}) + \frac{\lambda}{2}\|\theta\|^2$ (the ridge in
+        every term, so that the mean is the objective)."""
+        return jax.nn.softplus(-self.s[i] * (self.X[i] @ theta)) + 0.5 * self.l2 * (theta @ theta)
 
     def minimizer(self) -> Float[Array, " d"]:
         return self.theta_star

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lspsde
 from lspsde.exponents import growth_rate, stability_exponents, sup_exponent
 from lspsde.objectives import SupervisedLoss, parameters
 from lspsde.parameter import GradientDescent
@@ -177,3 +178,15 @@ def test_bad_input_is_rejected_before_compilation():
         Feedforward([jnp.ones((3, 2)), jnp.ones((3, 4))])
     with pytest.raises(ValueError, match="step_size"):
         Residual([jnp.tanh], 0.0)
+
+
+def test_profile_with_minibatch_noise_has_no_u_blocks():
+    data = models.synthetic_regression(jax.random.key(7), 40, 3, 0.1)
+    obj = models.LeastSquares(data.X, data.y)
+    system = LearningSystem(obj, GradientDescent(0.1), noise=lspsde.MinibatchNoise(8, 40))
+    prof = learning_profile(system, jnp.zeros(3), 6, save_every=3, rtol=1e-12)
+    assert prof.sigma_u is None and prof.cum_u is None
+    assert stability_exponents(prof).alpha_u is None
+    # sigma^theta_t = ||I - eta H_B|| with H_B the Hessian of the sampled batch: <= 1 here
+    assert float(prof.sigma_theta.max()) <= 1.0
+    assert np.all(np.isfinite(prof.cum_theta))
