@@ -9,6 +9,11 @@ closed-form prediction of the theory (``lspsde.theory``) next to the measurement
 __version__ = "0.1.0"
 
 from . import linalg as linalg, theory as theory
+from ._simulate import (
+    Ensemble as Ensemble,
+    MeanEstimate as MeanEstimate,
+    simulate as simulate,
+)
 from .energy import (
     dissipation_rate as dissipation_rate,
     fit_recursion as fit_recursion,
