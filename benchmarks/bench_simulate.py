@@ -50,9 +50,9 @@ if os.environ.get("BENCH_X64", "0") == "1":
 import jax.numpy as jnp
 import numpy as np
 
+from lspsde._simulate import simulate
 import lspsde.noise
 from lspsde.parameter import GradientDescent
-from lspsde._simulate import simulate
 from models.objectives import Quadratic
 
 RESULTS = Path(__file__).parent / "results" / "simulate.json"

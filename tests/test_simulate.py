@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from lspsde._simulate import CHUNK_BUDGET_BYTES, Ensemble, default_chunk_size, simulate
 import lspsde.noise
 from lspsde.noise import AbstractNoise, NoNoise
 from lspsde.objectives import AbstractObjective
 from lspsde.parameter import GradientDescent
-from lspsde._simulate import CHUNK_BUDGET_BYTES, Ensemble, default_chunk_size, simulate
 from models.objectives import Quadratic
 
 ROOT = Path(__file__).resolve().parents[1]
