@@ -103,6 +103,14 @@ def _plus(grad: PyTree[Array], perturbation: Array) -> PyTree[Array]:
     return unravel(flat + perturbation.astype(flat.dtype))
 
 
+def _isotropic_gradient(
+    objective: AbstractObjective, theta: PyTree[Array], u: PyTree[Array], scale: Array
+) -> PyTree[Array]:
+    r"""$\nabla\mathcal{L}(\theta) + (\text{scale}/\sqrt{d})\,u$: the i.i.d.-per-entry models."""
+    z = ravel_pytree(u)[0]
+    return _plus(objective.gradient(theta), scale / math.sqrt(z.size) * z)
+
+
 def _size(theta: PyTree[Array]) -> int:
     return ravel_pytree(theta)[0].size
 
@@ -301,8 +309,7 @@ class IsotropicGaussian(AbstractNoise):
     def gradient(
         self, objective: AbstractObjective, theta: PyTree[Array], u: PyTree[Array]
     ) -> PyTree[Array]:
-        z = ravel_pytree(u)[0]
-        return _plus(objective.gradient(theta), self.sigma / math.sqrt(z.size) * z)
+        return _isotropic_gradient(objective, theta, u, self.sigma)
 
     def covariance(self, objective: AbstractObjective, theta: PyTree[Array]) -> Float[Array, "d d"]:
         d = _size(theta)
@@ -813,8 +820,7 @@ class StudentTNoise(AbstractNoise):
     def gradient(
         self, objective: AbstractObjective, theta: PyTree[Array], u: PyTree[Array]
     ) -> PyTree[Array]:
-        z = ravel_pytree(u)[0]
-        return _plus(objective.gradient(theta), self.scale / math.sqrt(z.size) * z)
+        return _isotropic_gradient(objective, theta, u, self.scale)
 
     def covariance(
         self, objective: AbstractObjective, theta: PyTree[Array]
@@ -884,8 +890,7 @@ class AlphaStableNoise(AbstractNoise):
     def gradient(
         self, objective: AbstractObjective, theta: PyTree[Array], u: PyTree[Array]
     ) -> PyTree[Array]:
-        z = ravel_pytree(u)[0]
-        return _plus(objective.gradient(theta), self.scale / math.sqrt(z.size) * z)
+        return _isotropic_gradient(objective, theta, u, self.scale)
 
     def covariance(
         self, objective: AbstractObjective, theta: PyTree[Array]

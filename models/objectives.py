@@ -40,7 +40,24 @@ def _sym_tol(M: np.ndarray) -> float:
     return float(np.sqrt(np.finfo(M.dtype).eps) * max(1.0, np.max(np.abs(M), initial=0.0)))
 
 
-class Quadratic(AbstractObjective):
+class _KnownConstants(AbstractObjective):
+    r"""An objective whose minimiser $\theta^*$, $\mu$ and $L$ are fields set at construction."""
+
+    theta_star: eqx.AbstractVar[Float[Array, " d"]]
+    mu: eqx.AbstractVar[Float[Array, ""]]
+    L: eqx.AbstractVar[Float[Array, ""]]
+
+    def minimizer(self) -> Float[Array, " d"]:
+        return self.theta_star
+
+    def strong_convexity(self) -> Float[Array, ""]:
+        return self.mu
+
+    def smoothness(self) -> Float[Array, ""]:
+        return self.L
+
+
+class Quadratic(_KnownConstants):
     r"""$\mathcal{L}(\theta) = \frac12 (\theta - \theta^*)^\top H (\theta - \theta^*)$.
 
     $\nabla^2\mathcal{L} = H$ everywhere, so $\mu = \lambda_{\min}(H)$ and
@@ -97,22 +114,13 @@ class Quadratic(AbstractObjective):
     def gradient(self, theta: Float[Array, " d"]) -> Float[Array, " d"]:
         return self.hessian @ (theta - self.theta_star)
 
-    def minimizer(self) -> Float[Array, " d"]:
-        return self.theta_star
-
-    def strong_convexity(self) -> Float[Array, ""]:
-        return self.mu
-
-    def smoothness(self) -> Float[Array, ""]:
-        return self.L
-
 
 @jax.jit
 def _least_squares_setup(A: Array, b: Array) -> tuple[Array, Array]:
     return jnp.linalg.svd(A, compute_uv=False), jnp.linalg.lstsq(A, b)[0]
 
 
-class LeastSquares(AbstractObjective):
+class LeastSquares(_KnownConstants):
     r"""$\mathcal{L}(\theta) = \frac{1}{2n}\|A\theta - b\|^2$, $\nabla^2\mathcal{L} = A^\top A/n$.
 
     $\theta^*$ is the least-squares solution (``lstsq``); $\mu = \sigma_{\min}(A)^2/n$ and
@@ -170,15 +178,6 @@ class LeastSquares(AbstractObjective):
         r"""$\ell_i(\theta) = \frac12 (a_i^\top\theta - b_i)^2$."""
         return 0.5 * (self.A[i] @ theta - self.b[i]) ** 2
 
-    def minimizer(self) -> Float[Array, " d"]:
-        return self.theta_star
-
-    def strong_convexity(self) -> Float[Array, ""]:
-        return self.mu
-
-    def smoothness(self) -> Float[Array, ""]:
-        return self.L
-
 
 def _logistic_loss(theta: Array, args: tuple[Array, Array, Array]) -> Array:
     X, s, l2 = args
@@ -205,7 +204,7 @@ def _logistic_minimiser(X: Array, s: Array, l2: Array) -> Array:
     return fine.value
 
 
-class LogisticRegression(AbstractObjective):
+class LogisticRegression(_KnownConstants):
     r"""$\mathcal{L}(\theta) = \frac1n\sum_i \log(1 + e^{-s_i x_i^\top\theta}) +
     \frac{\lambda}{2}\|\theta\|^2$ with labels $s_i \in \{-1, 1\}$.
 
@@ -271,15 +270,6 @@ class LogisticRegression(AbstractObjective):
         r"""$\log(1 + e^{-s_i x_i^\top\theta}) + \frac{\lambda}{2}\|\theta\|^2$ (the ridge in
         every term, so that the mean is the objective)."""
         return jax.nn.softplus(-self.s[i] * (self.X[i] @ theta)) + 0.5 * self.l2 * (theta @ theta)
-
-    def minimizer(self) -> Float[Array, " d"]:
-        return self.theta_star
-
-    def strong_convexity(self) -> Float[Array, ""]:
-        return self.mu
-
-    def smoothness(self) -> Float[Array, ""]:
-        return self.L
 
 
 @eqx.filter_jit

@@ -17,10 +17,21 @@ from pathlib import Path
 import tomllib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _distinct_sorted(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"grid values must be distinct, got {values}")
+    return sorted(values)
+
+
+def Grid(item, min_length: int = 1):
+    """A non-empty list of distinct grid values, returned sorted."""
+    return Annotated[list[item], Field(min_length=min_length), AfterValidator(_distinct_sorted)]
 
 
 class StudyConfigError(ValueError):
@@ -46,8 +57,8 @@ class NormConfig(_Strict):
 class FeedforwardSpectral(_Strict):
     """Theorem 4.1: measured forward exponent against log(rho) over a grid of rho and depth."""
 
-    rho: list[PositiveFloat] = Field(min_length=1)
-    depth: list[PositiveInt] = Field(min_length=1)
+    rho: Grid(PositiveFloat)
+    depth: Grid(PositiveInt)
     activation: list[Literal["relu", "tanh", "identity", "leaky_relu", "hard_tanh"]] = [
         "identity",
         "relu",
@@ -58,20 +69,13 @@ class FeedforwardSpectral(_Strict):
     init: Literal["orthogonal", "spectral"] = "orthogonal"
     norm: NormConfig = NormConfig()
 
-    @field_validator("rho", "depth")
-    @classmethod
-    def _sorted_unique(cls, v):
-        if len(set(v)) != len(v):
-            raise ValueError(f"grid values must be distinct, got {v}")
-        return sorted(v)
-
 
 class ResidualCFL(_Strict):
     """Lemma 4.2 / Theorem 4.3 / Corollary 4.4: sweep h across h_max and over dissipativity m."""
 
-    m: list[PositiveFloat] = Field(min_length=1)
+    m: Grid(PositiveFloat)
     M_g: PositiveFloat = 2.0
-    h_over_hmax: list[PositiveFloat] = Field(min_length=2)
+    h_over_hmax: Grid(PositiveFloat, min_length=2)
     kind: list[Literal["linear_shared", "linear", "nonlinear"]] = [
         "linear_shared",
         "linear",
@@ -82,13 +86,6 @@ class ResidualCFL(_Strict):
     n_probes: PositiveInt = 8
     nonlinear_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
     norm: NormConfig = NormConfig()
-
-    @field_validator("m", "h_over_hmax")
-    @classmethod
-    def _sorted_unique(cls, v):
-        if len(set(v)) != len(v):
-            raise ValueError(f"grid values must be distinct, got {v}")
-        return sorted(v)
 
 
 class StudyConfig(_Strict):
