@@ -27,13 +27,17 @@ once: Python-side argument checks, a few ms, are excluded), compiled ahead of ti
 s`` = lower + compile), called once to warm up, then timed in interleaved rounds with
 ``block_until_ready`` (median of >= 3 rounds), so load from other jobs hits all routes alike.
 
-Memory: each (P, route) also runs once in a FRESH subprocess that reports
-``getrusage(RUSAGE_SELF).ru_maxrss``; a baseline subprocess that imports jax and builds the
-same model and data but computes nothing is subtracted. The subprocesses load the compiled
-executable from a persistent compilation cache filled by the parent, so the peak is that of
-running the profile, not of the compiler. XLA's own buffer plan (``memory_analysis()``
-temporaries) is reported beside it and, compile-only, for the dense route at sizes where running
-it is out of reach (including P ~ 1e6). Log-log slopes of memory against P are fitted per route.
+Memory: each (P, route) also runs once in a FRESH subprocess that reports its peak RSS
+(``VmHWM`` from ``/proc/self/status``; ``getrusage(RUSAGE_SELF).ru_maxrss`` of a fork+exec'ed child
+starts at the parent's RSS at fork time, GBs here, so it hides the child's own peak); a baseline
+subprocess that imports jax and builds the same model and data but computes nothing is
+subtracted ("peak MiB"). The subprocesses load the compiled executable from a persistent
+compilation cache filled by the parent, so the peak is that of running the profile (plus tracing
+it to find the cache entry), not of the compiler; the rise of the peak during the call itself is
+reported too ("exec MiB": the high-water mark is reset via ``/proc/self/clear_refs`` right before
+the call). XLA's own buffer plan (``memory_analysis()`` temporaries) is reported beside it and,
+compile-only, for the dense route at sizes where running it is out of reach (including P ~ 1e6).
+Log-log slopes of memory against P are fitted per route.
 
 Dense routes run only while their O(P^3) SVD/product time and their P^2 memory stay within this
 benchmark's budget (``--dense-max-p``, ``--dense-min-max-p``); beyond, the would-be memory of a
@@ -46,9 +50,9 @@ sigma_x (and sigma_u, cum_u, cum_x) between it and the matrix-free profile is pr
 LAPACK, whose spinning worker threads were measured 40-100x slower on this 2-core machine when
 other jobs load it; one thread keeps the dense baseline fair.
 
-Run: ``.venv/bin/python benchmarks/bench_profile.py`` (~10-15 min on 2 CPU cores) or
-``--quick`` (smoke test, ~2 min). Results go to ``benchmarks/results/profile.json``
-(``profile_quick.json`` for ``--quick``).
+Run: ``.venv/bin/python benchmarks/bench_profile.py`` (11 min at load average ~2, 15 min at ~5,
+on 2 CPU cores) or ``--quick`` (smoke test, ~1.5-2 min). Results go to
+``benchmarks/results/profile.json`` (``profile_quick.json`` for ``--quick``).
 """
 
 import os
@@ -469,6 +473,23 @@ def slopes(points, dense_plans, mf_fit_min_p):
             min(p for p, _ in rows),
             max(p for p, _ in rows),
         ]
+        # Where the P^2 Jacobians dominate every other buffer.
+        large = [(p, b) for p, b in rows if p >= 10_000]
+        if len(large) >= 2:
+            out["dense"]["xla_temp_slope_P_ge_1e4"] = loglog_slope(*zip(*large, strict=True))
+    # Matrix-free: the slope between the two largest P.
+    mf_rows = [(pt["n_params"], pt["routes"]["mf"]) for pt in points if "mf" in pt["routes"]]
+    if "mf" in out and len(mf_rows) >= 2:
+        (p1, r1), (p2, r2) = sorted(mf_rows, key=lambda row: row[0])[-2:]
+        m1, m2 = r1.get("memory_child", {}), r2.get("memory_child", {})
+        out["mf"]["local_slopes_two_largest_P"] = {
+            key: (
+                math.log(m2[key] / m1[key]) / math.log(p2 / p1)
+                if m1.get(key, 0) > 0 and m2.get(key, 0) > 0
+                else None
+            )
+            for key in ("net_peak_mib", "exec_peak_mib")
+        }
     return out
 
 
@@ -532,7 +553,23 @@ def print_report(results):
                 f"; incl. compile-only plans up to P = {hi:,}: "
                 f"{s['xla_temp_slope_incl_compile_only']:.2f}"
             )
+        if s.get("xla_temp_slope_P_ge_1e4") is not None:
+            line += f" (P >= 1e4 only: {s['xla_temp_slope_P_ge_1e4']:.2f})"
+        if "local_slopes_two_largest_P" in s:
+            loc = s["local_slopes_two_largest_P"]
+            line += (
+                f"; between the two largest P: peak RSS {_fmt(loc['net_peak_mib'], '.2f')}, "
+                f"run-only {_fmt(loc['exec_peak_mib'], '.2f')}"
+            )
         print(line)
+    for route in ("dense", "dense_min"):
+        both = [pt for pt in results["points"] if "speedup_vs_mf" in pt["routes"].get(route, {})]
+        if both:
+            pt = max(both, key=lambda p: p["n_params"])
+            print(
+                f"{route} / matrix-free at the largest P where both ran (P = {pt['n_params']:,}): "
+                f"{pt['routes'][route]['speedup_vs_mf']:.0f}x"
+            )
     agree = results["agreement"]
     print(
         f"\nagreement (matrix-free vs dense, all P where both ran): max relative difference "
