@@ -419,6 +419,7 @@ def simulate(
             f"{divergence_threshold:g}: every path would diverge at step 0. Start from a finite "
             "theta0 or raise the threshold."
         )
+    update.check(objective, noise, theta0)  # e.g. a continuous-time limit's solver and dt
     _check_step(system, theta0, key)
     check = getattr(noise, "check", None)  # the noise model's own checks (e.g. it needs theta*)
     if callable(check):

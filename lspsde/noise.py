@@ -32,13 +32,14 @@ flat order, and $d$ is the total number of entries.
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
+import lineax as lx
 import numpy as np
 
 from ._checks import (
@@ -129,6 +130,26 @@ def _finite_or_none(finite: Array, value: Array) -> Array | None:
     return value if bool(finite) else None
 
 
+def _flat_dtype(theta: PyTree[Array]) -> tuple[int, Any]:
+    flat = ravel_pytree(theta)[0]
+    return flat.size, flat.dtype
+
+
+def _scaled_identity(theta: PyTree[Array], scale: Array) -> lx.AbstractLinearOperator:
+    r"""$B = s I_d$ over the flat parameters, as a diagonal operator."""
+    d, dtype = _flat_dtype(theta)
+    return lx.DiagonalLinearOperator(jnp.full((d,), scale, dtype=dtype))
+
+
+def _no_diffusion(model: str, why: str) -> ValueError:
+    return ValueError(
+        f"{model} has no covariance ({why}), so SGD with it has no diffusion (SDE) limit: the "
+        "small-step limit of heavy-tailed SGD is a Levy-driven equation, which lspsde does not "
+        "integrate. Use a finite-variance model (StudentTNoise with df > 2, a Gaussian model) "
+        "for continuous-time limits."
+    )
+
+
 _HAS_MINIMIZER = (
     "Objectives with a known minimiser: models.Quadratic, models.LeastSquares, "
     "models.LogisticRegression (or override `minimizer()` in your objective)."
@@ -200,7 +221,15 @@ class AbstractNoise(eqx.Module):
     [`covariance`][] ($\Sigma(\theta) = \operatorname{Cov}[G \mid \theta]$, for the SDE limit),
     [`variance`][] ($\operatorname{tr}\Sigma(\theta)$) and [`assumption1`][]. [`check`][] runs
     before anything is compiled.
+
+    For continuous-time limits (``lspsde.SGDLimit``) a model also gives a factor
+    [`diffusion`][] $B(\theta)$, $BB^\top = \Sigma(\theta)$, and says whether it is additive
+    ([`is_additive`][]). A model with ``gaussian_draws = True`` promises that $u \sim N(0, I)$
+    and $G(\theta, u) = \nabla\mathcal{L}(\theta) + B(\theta)\,\mathrm{ravel}(u)$ exactly: its
+    SDE limit is then driven by the very draws SGD uses, so the two can be coupled path by path.
     """
+
+    gaussian_draws: ClassVar[bool] = False
 
     @abc.abstractmethod
     def sample(self, key: PRNGKeyArray, theta: PyTree[Array]) -> PyTree[Array]:
@@ -232,6 +261,28 @@ class AbstractNoise(eqx.Module):
     def assumption1(self, objective: AbstractObjective) -> Assumption1:
         r"""The noise half of Assumption 1 for this model on ``objective``."""
         return Assumption1(None, None, None, f"{type(self).__name__} declares nothing.")
+
+    def is_additive(self) -> bool:
+        r"""Whether $\Sigma$ (so the SDE's diffusion) does not depend on $\theta$ (concrete)."""
+        return False
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        r"""A factor $B(\theta)$ of the covariance, $B B^\top = \Sigma(\theta)$: a linear
+        operator from a flat Brownian increment, shape ``(m,)``, to the flat parameters, ``(d,)``.
+
+        The diffusion of the SDE limit of SGD is $\sqrt\eta\,B(\Theta)$. This default takes
+        $B = V\Lambda^{1/2}$ from the eigendecomposition of [`covariance`][] ($m = d$, cost
+        $O(d^3)$ per evaluation); models override it with a cheaper exact factor.
+
+        **Raises:** ``ValueError`` when the covariance does not exist.
+        """
+        cov = self.covariance(objective, theta)
+        if cov is None:
+            raise _no_diffusion(type(self).__name__, "covariance() is None")
+        q, V = jnp.linalg.eigh(0.5 * (cov + cov.T))
+        return lx.MatrixLinearOperator(V * jnp.sqrt(jnp.maximum(q, 0.0))[None, :])
 
     def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
         r"""Check, without compiling, that this model fits ``objective`` and ``theta0``.
@@ -280,6 +331,14 @@ class NoNoise(AbstractNoise):
     def assumption1(self, objective: AbstractObjective) -> Assumption1:
         return Assumption1(True, _f(0.0), _f(0.0), "exact gradients: no noise")
 
+    def is_additive(self) -> bool:
+        return True
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        return _scaled_identity(theta, 0.0)
+
 
 # ------------------------------------------------------------------------------------------
 # Gaussian models
@@ -298,6 +357,7 @@ class IsotropicGaussian(AbstractNoise):
     """
 
     sigma: Float[Array, ""]
+    gaussian_draws: ClassVar[bool] = True
 
     def __init__(self, sigma: ScalarLike):
         check_positive("sigma", sigma, allow_zero=True, fix="sigma is a standard deviation.")
@@ -321,6 +381,14 @@ class IsotropicGaussian(AbstractNoise):
     def assumption1(self, objective: AbstractObjective) -> Assumption1:
         return Assumption1(True, self.sigma, _f(0.0), "exact: additive Gaussian, variance sigma^2")
 
+    def is_additive(self) -> bool:
+        return True
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        return _scaled_identity(theta, self.sigma / math.sqrt(_size(theta)))
+
 
 class AnisotropicGaussian(AbstractNoise):
     r"""$G = \nabla\mathcal{L}(\theta) + C\xi$, $\xi \sim N(0, I_d)$: $\Sigma = CC^\top$.
@@ -335,6 +403,7 @@ class AnisotropicGaussian(AbstractNoise):
     """
 
     scale: Float[Array, " d"] | Float[Array, "d d"]
+    gaussian_draws: ClassVar[bool] = True
 
     def __init__(self, scale: ArrayLike):
         scale = _f(scale)
@@ -401,6 +470,18 @@ class AnisotropicGaussian(AbstractNoise):
             True, jnp.sqrt(jnp.sum(self.scale**2)), _f(0.0), "exact: sigma0^2 = tr Sigma"
         )
 
+    def is_additive(self) -> bool:
+        return True
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        self._fit(theta)
+        dtype = _flat_dtype(theta)[1]
+        if self.scale.ndim == 1:
+            return lx.DiagonalLinearOperator(self.scale.astype(dtype))
+        return lx.MatrixLinearOperator(self.scale.astype(dtype))
+
     def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
         self._fit(theta0)
         super().check(objective, theta0)
@@ -428,6 +509,7 @@ class GaussianNoise(AbstractNoise):
     sigma0: Float[Array, ""]
     sigma1: Float[Array, ""]
     state_dependent: bool = eqx.field(static=True)
+    gaussian_draws: ClassVar[bool] = True
 
     def __init__(self, sigma0: ScalarLike, sigma1: ScalarLike = 0.0):
         for name, value in (("sigma0", sigma0), ("sigma1", sigma1)):
@@ -469,6 +551,22 @@ class GaussianNoise(AbstractNoise):
         return Assumption1(
             True, self.sigma0, self.sigma1, "exact: E||G - grad||^2 = sigma0^2 + sigma1^2 ||e||^2"
         )
+
+    def is_additive(self) -> bool:
+        return not self.state_dependent
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        r"""$B(\theta) w = (\sigma_0 w_0 + \sigma_1\|\theta - \theta^*\| w_1)/\sqrt d$ for
+        $w = (w_0, w_1)$, $m = 2d$: the two draws of [`sample`][] in ``ravel_pytree`` order."""
+        d, dtype = _flat_dtype(theta)
+        level = self.sigma1 * self._error(objective, theta)
+
+        def mv(w):
+            return (self.sigma0 * w[:d] + level * w[d:]) / math.sqrt(d)
+
+        return lx.FunctionLinearOperator(mv, jax.ShapeDtypeStruct((2 * d,), dtype))
 
     def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
         self._error(objective, theta0)
@@ -589,6 +687,16 @@ class CurvatureNoise(AbstractNoise):
         r = A @ theta - b
         g = A.T @ r / A.shape[0]
         return (jnp.mean(jnp.sum(A**2, axis=1) * r**2) - g @ g) / self.batch_size
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: Float[Array, " d"]
+    ) -> lx.AbstractLinearOperator:
+        r"""$B = [g_i - \bar g]_{i \le n} / \sqrt{Bn}$, $g_i = a_i r_i$ ($d \times n$, $m = n$):
+        $BB^\top = \frac1{Bn}\sum_i (g_i - \bar g)(g_i - \bar g)^\top = \Sigma(\theta)$."""
+        A, b = self._fit(objective, theta)
+        per_row = A * (A @ theta - b)[:, None]
+        D = per_row - jnp.mean(per_row, axis=0, keepdims=True)
+        return lx.MatrixLinearOperator(D.T / math.sqrt(self.batch_size * A.shape[0]))
 
     def moments(self, objective: AbstractObjective) -> tuple[Array, Array, Array]:
         r"""$(v_0, c, Q)$ of one row: $v(\theta^* + e) = v_0 + 2c^\top e + e^\top Q e$."""
@@ -740,6 +848,14 @@ class MinibatchNoise(AbstractNoise):
         D = self._centred(objective, theta)
         return self.kappa * jnp.sum(D**2) / self.data_size
 
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        r"""$B = \sqrt{\kappa/n}\,[g_i - \bar g]_{i \le n}$ ($d \times n$, $m = n$): the
+        covariance estimated from the whole data set, $BB^\top = \Sigma(\theta)$ exactly."""
+        D = self._centred(objective, theta)
+        return lx.MatrixLinearOperator(math.sqrt(self.kappa / self.data_size) * D.T)
+
     def moments(self, objective: AbstractObjective) -> tuple[Array, Array, Array, Array]:
         r"""$(v_0, c, Q)$ of the affine-gradient model at $\theta^*$, and the largest relative
         deviation of the per-example gradients at $\theta^* + \delta$ from it (0 if affine)."""
@@ -848,6 +964,19 @@ class StudentTNoise(AbstractNoise):
             True, s0, _f(0.0), f"exact, but heavy tails: moments of order >= df = {df:g} infinite"
         )
 
+    def is_additive(self) -> bool:
+        return True
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        r"""$B = \sigma\sqrt{\nu/(\nu - 2)}\,I/\sqrt d$ (the Gaussian with $\Sigma$; $\nu > 2$)."""
+        df = _concrete(self.df)
+        if df is not None and df <= 2:
+            raise _no_diffusion(f"StudentTNoise(df={df:g})", "df <= 2: infinite variance")
+        ratio = self.df / jnp.where(self.df > 2, self.df - 2, jnp.nan)
+        return _scaled_identity(theta, self.scale * jnp.sqrt(ratio / _size(theta)))
+
 
 class AlphaStableNoise(AbstractNoise):
     r"""$G = \nabla\mathcal{L}(\theta) + (\sigma/\sqrt d)\,S$, $S$ i.i.d. symmetric
@@ -910,3 +1039,16 @@ class AlphaStableNoise(AbstractNoise):
         if a < 2:
             return Assumption1(False, None, None, "infinite variance (alpha-stable, alpha < 2)")
         return Assumption1(True, jnp.sqrt(2.0) * self.scale, _f(0.0), "exact: alpha = 2 Gaussian")
+
+    def is_additive(self) -> bool:
+        return True
+
+    def diffusion(
+        self, objective: AbstractObjective, theta: PyTree[Array]
+    ) -> lx.AbstractLinearOperator:
+        r"""$B = \sqrt2\,\sigma I/\sqrt d$ for $\alpha = 2$; no diffusion for $\alpha < 2$."""
+        a = _concrete(self.alpha)
+        if a is not None and a < 2:
+            raise _no_diffusion(f"AlphaStableNoise(alpha={a:g})", "alpha < 2: infinite variance")
+        scale = jnp.where(self.alpha == 2, jnp.sqrt(2.0) * self.scale, jnp.nan)
+        return _scaled_identity(theta, scale / math.sqrt(_size(theta)))

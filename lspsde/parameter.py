@@ -6,20 +6,58 @@ updates are further subclasses of [`AbstractParameterFlow`][].
 """
 
 import abc
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
-from jaxtyping import Array, ArrayLike, PyTree
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .schedules import AbstractSchedule, as_schedule
 
+if TYPE_CHECKING:
+    from .noise import AbstractNoise
+    from .objectives import AbstractObjective
+
 
 class AbstractParameterFlow(eqx.Module):
-    r"""An update rule $\theta^{t+1} = \mathcal{A}_t(\theta^t; G)$ given a gradient $G$."""
+    r"""An update rule $\theta^{t+1} = \mathcal{A}_t(\theta^t; G)$ given a gradient $G$.
+
+    A learning system calls a flow through [`draw`][] (the randomness $u^t$ of one step) and
+    [`step`][] ($\theta^{t+1}$ from $\theta^t$ and $u^t$). For a discrete update these are the
+    noise model's draw and ``self(t, theta, noise.gradient(objective, theta, u))``; a
+    continuous-time limit (``lspsde.SGDLimit``) overrides both, drawing Brownian increments and
+    integrating over one step's worth of time.
+    """
 
     @abc.abstractmethod
     def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
         r"""One step at time ``t`` from $\theta^t$ with gradient $G$."""
+
+    def draw(
+        self,
+        objective: "AbstractObjective",
+        noise: "AbstractNoise",
+        key: PRNGKeyArray,
+        theta: PyTree[Array],
+    ) -> PyTree:
+        r"""$u^t$ for one step, from the step's own key."""
+        return noise.sample(key, theta)
+
+    def step(
+        self,
+        objective: "AbstractObjective",
+        noise: "AbstractNoise",
+        t: ArrayLike,
+        theta: PyTree[Array],
+        u: PyTree,
+    ) -> PyTree[Array]:
+        r"""$\theta^{t+1} = \mathcal{A}_t(\theta^t, u^t)$."""
+        return self(t, theta, noise.gradient(objective, theta, u))
+
+    def check(
+        self, objective: "AbstractObjective", noise: "AbstractNoise", theta0: PyTree[Array]
+    ) -> None:
+        r"""Check, before anything is compiled, that this flow fits the objective and noise."""
 
 
 class GradientDescent(AbstractParameterFlow):

@@ -249,8 +249,12 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options):
 def check_parameters(system: LearningSystem, theta0: PyTree[Array]) -> None:
     """Check (abstractly, without compiling) that one update maps ``theta0`` to its own shape."""
     fix = "check that `theta0` matches the objective (for a network: `lspsde.parameters(network)`)."
+    system.update.check(system.objective, system.noise, theta0)
     try:
-        out = jax.eval_shape(lambda th: system.parameter_map(0, th, system.noise.zero(th)), theta0)
+        key = jax.random.key(0)
+        out = jax.eval_shape(
+            lambda th: system.parameter_map(0, th, system.noise_at(key, 0, th)), theta0
+        )
     except (TypeError, ValueError) as e:
         raise ValueError(f"One update step fails on `theta0`: {e}\nFix: {fix}") from None
     inp = jax.eval_shape(lambda th: th, theta0)

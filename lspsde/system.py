@@ -7,7 +7,8 @@ map is
 $$\theta^{t+1} = \mathcal{A}_t(\theta^t, u^t), \qquad
 X_{k+1}^{t+1} = f_k(X_k^{t+1}; \theta^{t+1}),$$
 
-with $\mathcal{A}_t(\theta, u) = $ ``update(t, theta, noise.gradient(objective, theta, u))``.
+with $\mathcal{A}_t(\theta, u) = $ ``update(t, theta, noise.gradient(objective, theta, u))`` for a
+discrete update (``update.step``; a continuous-time limit integrates over one step instead).
 """
 
 import equinox as eqx
@@ -73,8 +74,8 @@ class LearningSystem(eqx.Module):
         return eqx.combine(theta, structure)
 
     def parameter_map(self, t: ArrayLike, theta: PyTree[Array], u: PyTree[Array]) -> PyTree[Array]:
-        r"""$\mathcal{A}_t(\theta, u)$."""
-        return self.update(t, theta, self.noise.gradient(self.objective, theta, u))
+        r"""$\mathcal{A}_t(\theta, u)$ (``update.step``)."""
+        return self.update.step(self.objective, self.noise, t, theta, u)
 
     def representations(self, theta: PyTree[Array]) -> tuple[Array, ...]:
         r"""$(X_0, \dots, X_L)$ of the probes under $\theta$, each batched over probes."""
@@ -93,7 +94,7 @@ class LearningSystem(eqx.Module):
 
     def noise_at(self, key: PRNGKeyArray, t: ArrayLike, theta: PyTree[Array]) -> PyTree[Array]:
         r"""$u^t$, drawn from ``fold_in(key, t)`` so that it depends only on ``(key, t)``."""
-        return self.noise.sample(jax.random.fold_in(key, t), theta)
+        return self.update.draw(self.objective, self.noise, jax.random.fold_in(key, t), theta)
 
 
 def parameter_trajectory(
