@@ -8,7 +8,7 @@ closed-form prediction of the theory (``lspsde.theory``) next to the measurement
 
 __version__ = "0.1.0"
 
-from . import linalg as linalg, theory as theory
+from . import limits as limits, linalg as linalg, theory as theory
 from ._simulate import (
     Ensemble as Ensemble,
     MeanEstimate as MeanEstimate,
@@ -25,6 +25,15 @@ from .exponents import (
     stability_exponents as stability_exponents,
     StabilityExponents as StabilityExponents,
     sup_exponent as sup_exponent,
+)
+from .limits import (
+    convergence_order as convergence_order,
+    euler_residual as euler_residual,
+    GradientFlow as GradientFlow,
+    NeuralODE as NeuralODE,
+    SGDLimit as SGDLimit,
+    strong_error as strong_error,
+    weak_error as weak_error,
 )
 from .lyapunov import (
     flow_map as flow_map,

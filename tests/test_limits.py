@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lspsde
-from lspsde.limits import DEFAULT_SUBSTEPS, GradientFlow, SGDLimit
+from lspsde.limits import DEFAULT_SUBSTEPS, GradientFlow, NeuralODE, SGDLimit
 import models
 
 D = 3
@@ -360,3 +360,86 @@ def test_bad_input_is_refused_before_compilation(make, noise, match):
 def test_limit_is_not_a_plain_update():
     with pytest.raises(TypeError, match="needs the objective"):
         SGDLimit(0.1)(0, THETA0, THETA0)
+
+
+# -- comparing a flow with its limit ----------------------------------------------------------
+
+
+def test_weak_and_strong_error_and_fitted_order():
+    """SGD against its coupled SDE limit on the OU quadratic: the paired weak error matches the
+    exact moment gap; the strong error of coupled paths falls with eta; convergence_order fits
+    slope 1 to exact weak errors with an interval that contains it."""
+    sigma, n = 0.5, 10
+    noise = lspsde.IsotropicGaussian(sigma)
+    eta = 0.1
+    kw = dict(key=jax.random.key(2), n_paths=2048, n_steps=n, save_every=5)
+    sgd = lspsde.simulate(QUAD, lspsde.SGD(eta), noise, THETA0, **kw)
+    sde = lspsde.simulate(QUAD, SGDLimit(eta), noise, THETA0, **kw)
+    weak = lspsde.limits.weak_error(sgd, sde)
+    exact = lspsde.quadratic_mean_square(jnp.diag(LAM), THETA0, eta, sigma, 0.0, n)
+    exact_gap = np.asarray(exact)[weak.steps] - np.asarray(
+        [_ou_second_moment(k * eta, eta, sigma) for k in weak.steps]
+    )
+    assert np.all(np.abs(weak.difference - exact_gap)[1:] < 4 * weak.se[1:])
+    assert weak.valid.all()
+    unpaired = lspsde.limits.weak_error(sgd, sde, paired=False)
+    assert np.all(unpaired.se[1:] > 3 * weak.se[1:])  # coupling pays
+    strong = lspsde.limits.strong_error(sgd, sde)
+    assert strong.difference[0] == 0 and np.all(strong.difference[1:] > 0)
+
+    etas = np.array([0.1, 0.05, 0.025, 0.0125])
+    errs = [
+        float(lspsde.quadratic_mean_square(jnp.diag(LAM), THETA0, e, sigma, 0.0, round(1 / e))[-1])
+        - float(_ou_second_moment(1.0, e, sigma))
+        for e in etas
+    ]
+    fit = lspsde.limits.convergence_order(etas, errs)
+    assert abs(fit.order - 1) < 0.02 and fit.ci[1] - fit.ci[0] < 0.05
+    # invalid and unresolved points are left out and said so
+    fit2 = lspsde.limits.convergence_order(
+        etas, errs, se=[1e-9, 1e-9, 1e-9, 1.0], valid=[False, True, True, True]
+    )
+    assert not fit2.used[0] and not fit2.used[3] and np.isnan(fit2.order)
+    assert "diverged" in fit2.note and "not resolved" in fit2.note
+
+
+def test_neural_ode_is_the_limit_of_euler_residual_networks():
+    """A residual net with h = S/L is explicit Euler for the neural ODE: the output error is
+    O(h), and the per-unit-depth exponents of the Jacobians converge to the ODE's."""
+    A = jnp.array([[-1.0, 2.0], [-2.0, -1.0]]) / 2
+
+    def g(s, x):
+        return jnp.tanh(A @ x) * (1 + 0.5 * jnp.sin(s))
+
+    S = 2.0
+    ode = NeuralODE(g, S, n_layers=4)
+    x0 = jnp.array([1.0, -0.5])
+    X_S = ode.trajectory(x0)[-1]
+    errs = []
+    for L in (8, 16, 32, 64):
+        res = lspsde.limits.euler_residual(g, S, L)
+        errs.append(float(jnp.linalg.norm(res.trajectory(x0)[-1] - X_S)))
+    fit = lspsde.limits.convergence_order(S / np.array([8, 16, 32, 64]), errs)
+    assert abs(fit.order - 1) < 0.1
+    J_ode = jax.jacfwd(lambda x: ode.trajectory(x)[-1])(x0)
+    J_res = jax.jacfwd(lambda x: lspsde.limits.euler_residual(g, S, 256).trajectory(x)[-1])(x0)
+    a_ode = np.log(np.linalg.norm(J_ode, 2)) / S
+    a_res = np.log(np.linalg.norm(J_res, 2)) / S
+    assert abs(a_ode - a_res) < 0.01 and a_ode < 0
+    prof = lspsde.representation_profile(ode, x0[None], method="dense")
+    np.testing.assert_allclose(prof.cumulative[0, -1], np.linalg.norm(J_ode, 2), rtol=1e-6)
+
+
+def test_order_interval_covers_the_true_order():
+    """Synthetic errors C h^p (1 + noise) with known standard errors: the 95% interval covers p
+    in about 95% of replicates (Monte Carlo coverage within its binomial uncertainty)."""
+    rng = np.random.default_rng(0)
+    h = np.array([0.2, 0.1, 0.05, 0.025, 0.0125])
+    p, n_rep, hits = 1.0, 400, 0
+    for _ in range(n_rep):
+        rel = 0.05
+        e = 0.3 * h**p * (1 + rel * rng.standard_normal(h.size))
+        fit = lspsde.limits.convergence_order(h, e, se=rel * 0.3 * h**p)
+        hits += fit.ci[0] <= p <= fit.ci[1]
+    coverage = hits / n_rep
+    assert abs(coverage - 0.95) < 3 * np.sqrt(0.95 * 0.05 / n_rep), coverage
