@@ -861,5 +861,5 @@ def convergence_order(
     (p, c), cov = np.polyfit(x, y, 1, w=w, cov="unscaled" if ok.sum() == 2 else True)
     p_se = float(np.sqrt(cov[0, 0]))
     t = _t_quantile(0.5 + level / 2, int(ok.sum()) - 2)
-    return OrderFit(float(p), p_se, (p - t * p_se, p + t * p_se), float(np.exp(c)), ok,
-                    "; ".join(notes))  # fmt: skip
+    ci = (float(p - t * p_se), float(p + t * p_se))
+    return OrderFit(float(p), p_se, ci, float(np.exp(c)), ok, "; ".join(notes))
