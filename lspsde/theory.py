@@ -15,6 +15,8 @@ paper's symbols:
 | SGD exponent bound | $\log q$ (mean square), $\frac12 \log q$ (norm) | Theorem 5.2(2), below |
 | SGD mean-square bound | $q^t m_0 + \eta^2\sigma_0^2 (1 - q^t)/(1 - q)$ | Theorem 5.2(1) iterated |
 | Robbins–Monro | $\sum\eta_t = \infty$, $\sum \eta_t^2 < \infty$ | Theorem 5.3 |
+| Robbins–Monro rate, $p = 1$ | $tm_t \to \sum_i c^2\sigma_0^2/(d(2c\lambda_i - 1))$ | Theorem 5.3 |
+| Robbins–Monro rate, $p < 1$ | $m_t/\eta_t \to \sum_i \sigma_0^2/(2d\lambda_i)$ | Theorem 5.3 |
 
 **A correction to Theorem 5.2(2).** The paper defines $\alpha_\theta$ through the operator norm
 of the sensitivity $\partial\theta^t/\partial\theta^0$ (Section 2), and states
@@ -44,7 +46,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree, Real
 import numpy as np
 
 from . import linalg
-from ._checks import _concrete_array, check_positive
+from ._checks import _concrete_array, check_positive, check_positive_int
 from .objectives import AbstractObjective
 from .representation import Feedforward
 
@@ -60,6 +62,9 @@ __all__ = [
     "residual_optimal_step",
     "residual_step_max",
     "robbins_monro_conditions",
+    "robbins_monro_limit",
+    "robbins_monro_mean_square",
+    "robbins_monro_rate",
     "sgd_contraction",
     "sgd_exponent_bound",
     "sgd_mean_square_bound",
@@ -426,6 +431,169 @@ def robbins_monro_conditions(p: RealLike) -> Bool[Array, "..."]:
         raise ValueError(f"`p` must be finite, got {arr!r}; the schedule is c / (t + t0)^p.")
     p = _f(p)
     return (p > 0.5) & (p <= 1.0)
+
+
+def _check_robbins_monro(c: RealLike, p: RealLike) -> None:
+    check_positive("c", c, fix="The schedule eta_t = c / (t + t0)^p needs c > 0.")
+    arr = _concrete_array(p)
+    if arr is not None and not np.all(np.isfinite(arr) & (arr > 0) & (arr <= 1)):
+        raise ValueError(
+            f"`p` must lie in (0, 1], got {arr!r}: for p > 1 the steps are summable and SGD "
+            "stops short of theta*, so E||theta^t - theta*||^2 has no rate to 0."
+        )
+
+
+def robbins_monro_rate(c: RealLike, mu: RealLike, p: RealLike = 1.0) -> Float[Array, "..."]:
+    r"""The exponent $r$ in $\mathbb{E}\|\theta^t - \theta^*\|^2 \asymp t^{-r}$ for SGD with
+    $\eta_t = c/(t + t_0)^p$ on a $\mu$-strongly convex quadratic with additive noise
+    $\sigma_0 > 0$ (Theorem 5.3, made quantitative).
+
+    $$r = \begin{cases} p, & 0 < p < 1,\\ \min(1, 2c\mu), & p = 1.\end{cases}$$
+
+    For $p < 1$ the energy tracks the step, $\mathbb{E}\|e_t\|^2 \sim K\eta_t$
+    ([`robbins_monro_limit`][lspsde.theory.robbins_monro_limit]). For $p = 1$ the slowest
+    eigen-direction $\lambda = \mu$ contracts like $\prod_s(1 - c\mu/s)^2 \sim t^{-2c\mu}$ and the
+    noise feeds it at rate $\eta_t^2 \sim t^{-2}$: when $2c\mu > 1$ the noise wins and
+    $\mathbb{E}\|e_t\|^2 \sim K c/t$; when $2c\mu < 1$ the energy decays only like
+    $t^{-2c\mu}$, *slower* than $1/t$, whatever the noise (and from any start); at
+    $2c\mu = 1$ it is $t^{-1}\log t$ (returned as $r = 1$). Theorem 5.3 gives convergence, not
+    the rate: with $c < 1/(2\mu)$ it still holds, but arbitrarily slowly as $c \to 0$.
+
+    Without noise ($\sigma_0 = 0$) and $p < 1$ the decay is faster than any power,
+    $\exp(-2c\mu\,t^{1-p}/(1-p))$; this function assumes $\sigma_0 > 0$ (and, for $p = 1$, that
+    the noise or the start excites the $\mu$ direction).
+
+    **Arguments:**
+
+    - `c`: the schedule constant $c > 0$.
+    - `mu`: the smallest Hessian eigenvalue (strong convexity) $\mu > 0$.
+    - `p`: the decay exponent, $0 < p \le 1$.
+
+    **Returns:** $r$.
+    """
+    _check_robbins_monro(c, p)
+    check_positive("mu", mu, fix="Theorem 5.3 needs a mu-strongly convex objective, mu > 0.")
+    c, mu, p = _f(c), _f(mu), _f(p)
+    return jnp.where(p < 1.0, p, jnp.minimum(1.0, 2.0 * c * mu))
+
+
+def robbins_monro_limit(
+    c: RealLike,
+    eigenvalues: Real[ArrayLike, "*batch d"],
+    sigma0: RealLike,
+    p: RealLike = 1.0,
+) -> Float[Array, "..."]:
+    r"""$K = \lim_{t\to\infty} \mathbb{E}\|\theta^t - \theta^*\|^2 / \eta_t$ for SGD with
+    $\eta_t = c/(t + t_0)^p$ on a quadratic with isotropic additive noise (Theorem 5.3's rate).
+
+    $$K = \sum_{i=1}^d \frac{\sigma_0^2/d}{2\lambda_i - \mathbb{1}[p = 1]/c}, \qquad
+    \text{so for } p = 1:\quad t\,\mathbb{E}\|\theta^t - \theta^*\|^2 \to cK
+    = \sum_i \frac{c^2\sigma_0^2/d}{2c\lambda_i - 1}\quad (2c\mu > 1),$$
+
+    and for $p < 1$: $\mathbb{E}\|\theta^t - \theta^*\|^2 \sim \eta_t\sum_i
+    \sigma_0^2/(2d\lambda_i)$. ``inf`` where $p = 1$ and $2c\lambda_i \le 1$ for some $i$: there
+    is no $1/t$ rate ([`robbins_monro_rate`][lspsde.theory.robbins_monro_rate]).
+
+    **Derivation.** In the eigenbasis of $H$, with noise of covariance
+    $(\sigma_0^2 + \sigma_1^2\|e\|^2)I/d$ (``GaussianNoise``, ``IsotropicGaussian``), the second
+    moments $m_{i,t} = \mathbb{E}(e_t)_i^2$ obey exactly
+    $m_{i,t+1} = (1 - \eta_t\lambda_i)^2 m_{i,t} + \eta_t^2(\sigma_0^2 + \sigma_1^2 m_t)/d$
+    ([`robbins_monro_mean_square`][lspsde.theory.robbins_monro_mean_square]). Put
+    $m_{i,t} = \eta_t x_{i,t}$ and $n = t + t_0$; then $\eta_{t+1}/\eta_t = 1 - p/n + O(n^{-2})$
+    and
+    $x_{i,t+1} = x_{i,t} - \eta_t\big(2\lambda_i - \eta_t\lambda_i^2 - \tfrac{p}{n\eta_t}\big)
+    x_{i,t} + \eta_t\,\sigma_0^2/d + O(\eta_t^2)$, a stochastic-approximation recursion whose
+    limit (Chung's lemma) is $x_i = (\sigma_0^2/d)/(2\lambda_i - \lim p/(n\eta_t))$, with
+    $p/(n\eta_t) = p\,n^{p-1}/c \to 0$ for $p < 1$ and $= 1/c$ for $p = 1$. The
+    state-dependent part $\sigma_1^2 m_t\eta_t^2 = O(\eta_t^3)$ does not enter $K$: $\sigma_1$
+    changes the transient, not the limit. The finite-$t$ corrections are relative
+    $O(\eta_t + n^{p-1})$ (for $p = 1$: $O(1/t)$, plus $t^{1-2c\mu}$ from the start).
+
+    **Arguments:**
+
+    - `c`: the schedule constant $c > 0$.
+    - `eigenvalues`: the Hessian eigenvalues $\lambda_i > 0$ along the last axis (length $d$).
+    - `sigma0`: the additive noise level, $\mathbb{E}\|\xi\|^2 = \sigma_0^2$ (per coordinate
+      $\sigma_0^2/d$); for an anisotropic covariance use its diagonal in the eigenbasis of $H$
+      in place of $\sigma_0^2/d$ termwise.
+    - `p`: the decay exponent, $0 < p \le 1$ (Theorem 5.3 needs $p > 1/2$ for almost-sure
+      convergence; the mean-square limit holds for every $p \in (0, 1]$).
+
+    **Returns:** $K$, the limit of $\mathbb{E}\|\theta^t - \theta^*\|^2/\eta_t$ (multiply by $c$
+    for the limit of $t\,\mathbb{E}\|\theta^t - \theta^*\|^2$ when $p = 1$).
+    """
+    _check_robbins_monro(c, p)
+    check_positive("eigenvalues", eigenvalues, fix="A strongly convex quadratic has H > 0.")
+    check_positive("sigma0", sigma0, allow_zero=True, fix="sigma0 is a noise level, >= 0.")
+    lam = _f(eigenvalues)
+    if lam.ndim == 0:
+        raise ValueError("`eigenvalues` must have a last axis of length d >= 1, got a scalar.")
+    d = lam.shape[-1]
+    c, sigma0, p = _f(c), _f(sigma0), _f(p)
+    batch = jnp.broadcast_shapes(c.shape, sigma0.shape, p.shape, lam.shape[:-1])
+    lam = jnp.broadcast_to(lam, (*batch, d))
+    c, s2, p = (jnp.broadcast_to(x, batch)[..., None] for x in (c, sigma0**2 / d, p))
+    gap = 2.0 * lam - jnp.where(p == 1.0, 1.0 / c, 0.0)
+    per_direction = jnp.where(gap > 0, s2 / jnp.where(gap > 0, gap, 1.0), jnp.inf)
+    return jnp.sum(per_direction, axis=-1)
+
+
+def robbins_monro_mean_square(
+    hessian: Real[ArrayLike, "d d"],
+    e0: Real[ArrayLike, " d"],
+    c: RealLike,
+    t0: RealLike,
+    p: RealLike,
+    sigma0: RealLike,
+    sigma1: RealLike,
+    n_steps: int,
+) -> Float[Array, " step"]:
+    r"""Exact $m_t = \mathbb{E}\|\theta^t - \theta^*\|^2$, $t = 0..T$, for SGD with
+    $\eta_t = c/(t + t_0)^p$ on $\frac12 e^\top He$ with ``GaussianNoise(sigma0, sigma1)``.
+
+    With $H = V\Lambda V^\top$ and $m_{i,t} = \mathbb{E}(V^\top e_t)_i^2$, isotropic noise of
+    covariance $(\sigma_0^2 + \sigma_1^2\|e_t\|^2)I/d$ keeps the diagonal of the second moment
+    in the eigenbasis closed:
+
+    $$m_{i,t+1} = (1 - \eta_t\lambda_i)^2 m_{i,t} + \frac{\eta_t^2}{d}\big(\sigma_0^2 +
+    \sigma_1^2 m_t\big), \qquad m_{i,0} = (V^\top e_0)_i^2, \qquad m_t = \textstyle\sum_i m_{i,t}.$$
+
+    No approximation: the time-varying analogue of
+    [`lspsde.quadratic_mean_square`][lspsde.energy.quadratic_mean_square] (which it equals for
+    $p \to 0$, $\eta_t \equiv c$), in $O(d)$ per step, so $10^6$ steps take well under a second.
+
+    **Arguments:** the Hessian $H$ (symmetric positive definite, ``(d, d)``), the initial error
+    $e_0 = \theta^0 - \theta^*$ (``(d,)``), the schedule $(c, t_0, p)$ with $c, t_0 > 0$,
+    $0 < p \le 1$, the noise levels $\sigma_0, \sigma_1 \ge 0$, and the horizon $T$ = `n_steps`.
+
+    **Returns:** $m_0, \dots, m_T$, shape ``(n_steps + 1,)``.
+    """
+    _check_robbins_monro(c, p)
+    check_positive("t0", t0, fix="Use t0 > 0 so that eta_0 = c / t0^p is finite.")
+    for name, value in (("sigma0", sigma0), ("sigma1", sigma1)):
+        check_positive(name, value, allow_zero=True, fix="Noise levels are >= 0.")
+    n_steps = check_positive_int("n_steps", n_steps)
+    H, e0 = _f(hessian), _f(e0)
+    d = e0.shape[0]
+    if e0.ndim != 1 or H.shape != (d, d):
+        raise ValueError(f"`hessian` must be (d, d) and `e0` (d,), got {H.shape} and {e0.shape}.")
+    lam, V = jnp.linalg.eigh(0.5 * (H + H.T))
+    return _robbins_monro_scan(
+        lam, (V.T @ e0) ** 2, _f(c), _f(t0), _f(p), _f(sigma0), _f(sigma1), n_steps
+    )
+
+
+@eqx.filter_jit
+def _robbins_monro_scan(lam, m0, c, t0, p, sigma0, sigma1, n_steps):
+    d = lam.shape[0]
+
+    def body(m, t):
+        eta = c / (t + t0) ** p
+        m = (1.0 - eta * lam) ** 2 * m + eta**2 * (sigma0**2 + sigma1**2 * jnp.sum(m)) / d
+        return m, jnp.sum(m)
+
+    _, ms = jax.lax.scan(body, m0, jnp.arange(n_steps, dtype=lam.dtype))
+    return jnp.concatenate([jnp.sum(m0)[None], ms])
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,11 +46,14 @@ class Experiment:
 
 
 def _registry() -> dict[str, Experiment]:
-    from . import feedforward, residual
+    from . import feedforward, noise_ablation, residual, sgd_constant, sgd_decreasing
 
     return {
         "feedforward_spectral": feedforward.EXPERIMENT,
         "residual_cfl": residual.EXPERIMENT,
+        "sgd_constant": sgd_constant.EXPERIMENT,
+        "sgd_decreasing": sgd_decreasing.EXPERIMENT,
+        "noise_ablation": noise_ablation.EXPERIMENT,
     }
 
 
