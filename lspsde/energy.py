@@ -188,8 +188,10 @@ def fit_recursion(
     every path starts at the same $\theta^0$, $m_0$ has no Monte Carlo error and is held fixed.
     Chains start at the generalised-least-squares optimum (exact on a grid of $q$, since the
     curve is linear in $(m_0, c)$ given $q$).
-    Priors: $q \sim \mathcal{U}(0, 2)$ (values above 1 — no contraction — are allowed, so a
-    violated bound can be seen), $c \sim \text{HalfNormal}(\max_t \hat m_t)$,
+    Priors: $q \sim \mathcal{U}(0, q_{\max})$, $q_{\max} = \min(2, e^{600/t_K})$ (values above
+    1 — no contraction — are allowed, so a violated bound can be seen; the cap keeps $q^{t_K}$
+    finite on long windows, where larger $q$ are excluded by any finite data),
+    $c \sim \text{HalfNormal}(\max_t \hat m_t)$,
     $m_0 \sim \mathcal{N}(\hat m_0, \max(\hat m_0, \hat s_0))$.
 
     **Arguments:** saved ``steps`` (shape ``(K,)``), per-path ``energy`` ``(path, K)``, the
@@ -241,15 +243,20 @@ def fit_recursion(
         r = y - X @ beta
         return float(r @ prec @ r), beta
 
-    grid = np.linspace(1e-3, 1.999, 2000)
-    q_init = float(grid[int(np.argmin([gls(q)[0] for q in grid]))])
+    # q^t must stay finite over the window: factors whose curve overflows before the last saved
+    # step are excluded by any finite data, so the prior stops short of them.
+    q_max = float(min(2.0, np.exp(600.0 / max(float(t[-1]), 1.0))))
+    grid = np.linspace(1e-3, q_max - 1e-3 * (q_max - 1e-3), 2000)
+    with np.errstate(over="ignore", invalid="ignore"):
+        objective = np.asarray([gls(q)[0] for q in grid])
+    q_init = float(grid[int(np.nanargmin(np.where(np.isfinite(objective), objective, np.nan)))])
     beta = gls(q_init)[1]
     init = {"q": q_init, "c": max(float(beta[-1]), 1e-12)}
     if not fixed_m0:
         init["m0"] = float(beta[0])
 
     def model():
-        q = numpyro.sample("q", dist.Uniform(0.0, 2.0))
+        q = numpyro.sample("q", dist.Uniform(0.0, q_max))
         c = numpyro.sample("c", dist.HalfNormal(float(np.max(m_hat))))
         if fixed_m0:
             m0 = numpyro.deterministic("m0", jnp.asarray(m0_hat))

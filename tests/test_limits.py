@@ -54,19 +54,34 @@ def test_euler_maruyama_with_one_substep_is_sgd(noise):
 
 
 def test_brownian_increments_are_exact():
-    """The pinned bridge: i.i.d. N(0, dt) sub-increments that sum to sqrt(eta) * SGD's draw."""
+    """The sequential bridge: i.i.d. N(0, dt) sub-increments that sum to sqrt(eta) * SGD's draw,
+    and what `step` integrates is exactly what `increments` returns."""
     eta, n = 0.3, 8
     limit = SGDLimit(eta, dt=eta / n, solver=dfx.Euler())
     noise = lspsde.IsotropicGaussian(1.0)
     keys = jax.random.split(jax.random.key(0), 20_000)
-    incs = jax.vmap(lambda k: limit.draw(QUAD, noise, k, THETA0))(keys)
-    W = np.asarray(incs.W)  # (paths, n, m)
+    draws = jax.vmap(lambda k: limit.draw(QUAD, noise, k, THETA0))(keys)
+    W = np.asarray(jax.vmap(lambda u: limit.increments(noise, u).W)(draws))  # (paths, n, m)
     xi = np.asarray(jax.vmap(lambda k: noise.sample(k, THETA0))(keys))
     np.testing.assert_allclose(W.sum(axis=1), np.sqrt(eta) * xi, atol=1e-12)
     flat = W.reshape(len(keys), -1)
     cov = np.cov(flat, rowvar=False)
     se = np.sqrt(2.0 / len(keys)) * eta / n  # sd of a sample variance / covariance
     np.testing.assert_allclose(cov, eta / n * np.eye(flat.shape[1]), atol=5 * se)
+    u = jax.tree.map(lambda a: a[0], draws)
+    via_draw = limit.step(QUAD, noise, 0, THETA0, u)
+    via_increments = limit.step(QUAD, noise, 0, THETA0, limit.increments(noise, u))
+    np.testing.assert_allclose(via_draw, via_increments, rtol=1e-14, atol=1e-15)
+
+
+def test_float32_step_sizes_count_substeps_exactly():
+    """eta = 0.1 in float32 is 0.10000000149: dt = eta (or eta / 32) must still give 1 (32)."""
+    with jax.enable_x64(False):
+        assert SGDLimit(0.1, dt=0.1).n_substeps == 1
+        assert SGDLimit(0.01, dt=0.01).n_substeps == 1
+        assert SGDLimit(0.1, dt=0.1 / 32).n_substeps == 32
+        assert SGDLimit(jnp.float32(0.1), dt=0.1 / 10).n_substeps == 10
+    assert SGDLimit(0.1, dt=0.03).n_substeps == 4
 
 
 # -- exact Ornstein-Uhlenbeck moments ---------------------------------------------------------
@@ -75,7 +90,7 @@ def test_brownian_increments_are_exact():
 def _one_step_moments(limit, noise, eta):
     r"""Exact mean and covariance propagation of one step of a fixed-step scheme on the OU
     process (the scheme is linear in the state and in the Gaussian inputs)."""
-    incs = limit.draw(QUAD, noise, jax.random.key(0), THETA0)
+    incs = limit.increments(noise, limit.draw(QUAD, noise, jax.random.key(0), THETA0))
 
     def step(y, W, H):
         return limit.step(QUAD, noise, 0, y, lspsde.limits.BrownianIncrements(W, H, None))
@@ -155,7 +170,7 @@ def _gbm(mu, eta, s1, substeps, n_steps=2, n_paths=4000):
 
         def run(k, system=system):
             thetas, us = lspsde.parameter_trajectory(system, jnp.ones(1), n_steps, key=k)
-            W_T = jnp.sum(us.W[..., 1])  # the second Brownian component drives sigma1
+            W_T = jnp.sum(us.total[:, 1])  # the second Brownian component drives sigma1
             return thetas[-1, 0], jnp.exp(-(mu + b**2 / 2) * T - b * W_T)
 
         em, exact = jax.vmap(run)(keys)
