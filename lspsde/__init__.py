@@ -14,6 +14,10 @@ from ._simulate import (
     MeanEstimate as MeanEstimate,
     simulate as simulate,
 )
+from .distributions import (
+    exponent_distribution as exponent_distribution,
+    ExponentDistribution as ExponentDistribution,
+)
 from .energy import (
     dissipation_rate as dissipation_rate,
     fit_recursion as fit_recursion,
@@ -69,6 +73,7 @@ from .profile import (
     RepresentationProfile as RepresentationProfile,
     StabilityProfile as StabilityProfile,
 )
+from .results import to_datatree as to_datatree
 from .representation import (
     AbstractRepresentationFlow as AbstractRepresentationFlow,
     Feedforward as Feedforward,

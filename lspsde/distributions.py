@@ -1,0 +1,673 @@
+r"""Per-path distributions of the stability exponents across a Monte Carlo ensemble.
+
+For a stochastic learning system the profile, and so every exponent, is a random variable: it
+depends on the realised noise $u^{0:T}$. [`exponent_distribution`][] draws ``n_paths``
+independent noise streams, computes the Learning Stability Profile along each path
+([`learning_profile`][lspsde.profile.learning_profile], ``vmap``-ed over path keys and run over
+chunks of paths so that memory stays bounded) and reduces it, per path $p$, to
+
+- the parametric exponent $\alpha_\theta^{(p)} = \frac1T\log\|\partial\theta_p^T/\partial
+  \theta^0\|_2$ (growth rate) and its literal sup form
+  $\frac1T\log\sup_{t}\|\partial\theta_p^t/\partial\theta^0\|_2$ (saved steps, $t = 0$
+  included, so $\ge 0$);
+- the temporal exponent $\alpha_u^{(p)} = \frac1T\log\sup_t\|\partial\theta_p^t/\partial
+  u^{0:t}\|_2$ (not for discrete noise such as minibatch indices, where no derivative in $u$
+  exists);
+- profile signatures: $\sup_t\sigma^\theta_t$, $\frac1{|S|}\sum_{t\in S}\log\sigma^\theta_t$
+  over the saved steps $S$ before $T$ (with ``save_every=1`` an upper bound on
+  $\alpha_\theta^{(p)}$, by submultiplicativity), $\sup_t\sigma^u_t$, and with a representation
+  the depth exponent $\frac1L\log\|\partial X_L/\partial X_0\|_2$ at $T$ and
+  $\sup_{t,k}\sigma^x_{k,t}$;
+- where $\theta^*$ is known, the energy exponent $\frac1T\log(\|e_T\|/\|e_0\|)$,
+  $e_t = \theta_p^t - \theta^*$.
+
+These are the same definitions as [`stability_exponents`][lspsde.exponents.stability_exponents]
+applied to one profile (it is what runs per path).
+
+**Noise from counters.** Path $p$ uses the key ``fold_in(key, p)`` and step $t$ of that path
+``fold_in(fold_in(key, p), t)``, exactly as [`simulate`][lspsde.simulate]: path $p$ here is
+path $p$ there, and ``learning_profile(system, theta0, n_steps, key=fold_in(key, p))`` is its
+profile. Results do not depend on ``chunk_size``.
+
+**Divergence is data.** A path is *diverged* if $\|\theta^t\|$ exceeds
+``divergence_threshold`` or is not finite at some step (the rule of ``simulate``), or if any of
+its profile blocks is not finite. Its numbers are kept (they may be ``inf``/``nan``) but every
+statistic ([`ExponentDistribution.summary`][], the ``/exponents`` group of
+[`ExponentDistribution.to_datatree`][]) uses the other paths only, and the count is reported.
+(With matrix-free norms, ``lspsde.linalg.jacobian_norm`` currently returns 0, not ``nan``, for a
+Jacobian with non-finite entries; the threshold rule is what catches such paths there.)
+
+**Cost.** Each saved step costs two matrix-free norms through the whole $T$-step trajectory
+(see ``learning_profile``), so the work per path is $O(|S| \cdot T \cdot \text{max\_steps})$
+one-step products: the parametric and temporal exponents at $T$ need only the saved steps
+$\{0, T\}$ (``save_every=n_steps``); choose a finer ``save_every`` for the sup forms.
+"""
+
+import math
+import re
+import sys
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._checks import check_positive, check_positive_int
+from ._custom_types import ScalarLike
+from .exponents import mean_log_norm, stability_exponents
+from .noise import AbstractNoise
+from .objectives import AbstractObjective
+from .parameter import AbstractParameterFlow
+from .profile import NormOptions, check_parameters, learning_profile
+from .system import LearningSystem
+
+__all__ = ["EXPONENT_NAMES", "ExponentDistribution", "exponent_distribution"]
+
+# Default chunking: a chunk's estimated working set is kept under this many bytes.
+CHUNK_BUDGET_BYTES = 2**30
+
+EXPONENT_NAMES = (
+    "alpha_theta",
+    "alpha_theta_sup",
+    "alpha_u",
+    "energy_exponent",
+    "sup_sigma_theta",
+    "mean_log_sigma_theta",
+    "sup_sigma_u",
+    "alpha_x",
+    "sup_sigma_x",
+)
+"""The per-path variables summarised by [`ExponentDistribution.summary`][] (those present)."""
+
+_PROFILE_NAMES = ("sigma_theta", "sigma_u", "cum_theta", "cum_u", "loss", "energy")
+_DEPTH_NAMES = ("sigma_x", "cum_x")
+
+
+class ExponentDistribution(eqx.Module):
+    r"""The result of [`exponent_distribution`][]: per-path exponents over ``n_paths`` paths.
+
+    The path axis comes first everywhere; "step" indexes the saved steps ``steps``
+    ($0, s, 2s, \dots$ and always $T$ = ``n_steps``).
+
+    **Exponents** (dims ``(path,)``; ``None`` where undefined):
+
+    - `alpha_theta`: $\frac1T\log\|\partial\theta^T/\partial\theta^0\|_2$.
+    - `alpha_theta_sup`: $\frac1T\log\max(1, \sup_{t\in S}\|\partial\theta^t/\partial
+      \theta^0\|_2)$, the paper's definition over the saved steps $S$.
+    - `alpha_u`: $\frac1T\log\sup_{t\in S}\|\partial\theta^t/\partial u^{0:t}\|_2$; ``None``
+      for discrete noise.
+    - `energy_exponent`: $\frac1T\log(\|\theta^T-\theta^*\|/\|\theta^0-\theta^*\|)$; ``None``
+      if $\theta^*$ is unknown or $\theta^0 = \theta^*$.
+    - `sup_sigma_theta`, `mean_log_sigma_theta`: $\sup_{t\in S}\sigma^\theta_t$ and the mean of
+      $\log\sigma^\theta_t$ over the saved $t < T$.
+    - `sup_sigma_u`: $\sup_{t\in S}\sigma^u_t$; ``None`` for discrete noise.
+    - `alpha_x`, `sup_sigma_x`: $\frac1L\log\|\partial X_L/\partial X_0\|_2$ at $t = T$ and
+      $\sup_{t\in S,k}\sigma^x_{k,t}$ (suprema over the probes); ``None`` without a
+      representation.
+
+    **Profile blocks** (dims ``(path, step)``, depth blocks ``(path, step, layer)``): the fields
+    of [`StabilityProfile`][lspsde.profile.StabilityProfile] (`sigma_theta`, `sigma_u`,
+    `cum_theta`, `cum_u`, `loss`, `sigma_x`, `cum_x`) and `energy`
+    $\|\theta^t - \theta^*\|^2$ (``None`` without $\theta^*$).
+
+    **Status:** `final_theta` ($\theta^T$ as ``simulate`` returns it, frozen at divergence;
+    ``None`` with ``keep_final=False``), `diverged`, `divergence_step` (the first step with
+    $\|\theta^t\|$ above the threshold or not finite, else the first saved step with a
+    non-finite profile, else ``-1``), `converged` (every matrix-free norm of the path met its
+    tolerance), `steps`, and static metadata.
+    """
+
+    alpha_theta: Float[Array, " path"]
+    alpha_theta_sup: Float[Array, " path"]
+    alpha_u: Float[Array, " path"] | None
+    energy_exponent: Float[Array, " path"] | None
+    sup_sigma_theta: Float[Array, " path"]
+    mean_log_sigma_theta: Float[Array, " path"]
+    sup_sigma_u: Float[Array, " path"] | None
+    alpha_x: Float[Array, " path"] | None
+    sup_sigma_x: Float[Array, " path"] | None
+    sigma_theta: Float[Array, "path step"]
+    sigma_u: Float[Array, "path step"] | None
+    cum_theta: Float[Array, "path step"]
+    cum_u: Float[Array, "path step"] | None
+    loss: Float[Array, "path step"]
+    energy: Float[Array, "path step"] | None
+    sigma_x: Float[Array, "path step layer"] | None
+    cum_x: Float[Array, "path step layer"] | None
+    final_theta: PyTree[Float[Array, "path ..."]] | None
+    diverged: Bool[Array, " path"]
+    divergence_step: Int[Array, " path"]
+    converged: Bool[Array, " path"]
+    steps: Int[Array, " step"]
+    n_steps: int = eqx.field(static=True)
+    save_every: int = eqx.field(static=True)
+    divergence_threshold: float = eqx.field(static=True)
+    chunk_size: int = eqx.field(static=True)
+    method: str = eqx.field(static=True)
+
+    @property
+    def n_paths(self) -> int:
+        return self.diverged.shape[0]
+
+    @property
+    def n_diverged(self) -> int:
+        """How many paths diverged (excluded from every statistic)."""
+        return int(jnp.sum(self.diverged))
+
+    @property
+    def valid(self) -> Bool[Array, " path"]:
+        """The paths that did not diverge: those that enter the statistics."""
+        return ~self.diverged
+
+    def exponents(self, *, valid_only: bool = False) -> dict[str, np.ndarray]:
+        """``{name: per-path values}`` for the exponents present (see ``EXPONENT_NAMES``),
+        restricted to the non-diverged paths with ``valid_only``."""
+        keep = np.asarray(self.valid) if valid_only else slice(None)
+        return {
+            name: np.asarray(getattr(self, name))[keep]
+            for name in EXPONENT_NAMES
+            if getattr(self, name) is not None
+        }
+
+    def to_datatree(self, attrs: dict | None = None):
+        r"""The distribution as an ArviZ 1.x ``xarray.DataTree`` with sample dim ``path``.
+
+        Groups:
+
+        - ``/exponents``: the per-path exponents of the *non-diverged* paths only, labelled by
+          their global path index (coordinate ``path``), so that any ArviZ function applied to
+          this group, e.g. ``arviz_stats.summary(dt, group="exponents",
+          sample_dims=["path"], kind="stats")``, never sees a diverged path;
+        - ``/profile``: the profile blocks and the energy of *all* paths, dims
+          ``(path, step)`` and ``(path, step, layer)``, ``step`` labelled by the step numbers;
+        - ``/final``: $\theta^T$ per leaf (``final_theta...``), if kept;
+        - ``/status``: ``diverged``, ``divergence_step``, ``converged``.
+
+        The configuration, updated with ``attrs``, is in the root's attributes.
+        """
+        import arviz_base
+
+        data: dict[str, dict[str, np.ndarray]] = {"profile": {}}
+        dims: dict[str, list[str]] = {}
+        for name in _PROFILE_NAMES + _DEPTH_NAMES:
+            value = getattr(self, name)
+            if value is not None:
+                data["profile"][name] = np.asarray(value)
+                dims[name] = ["step"] if name in _PROFILE_NAMES else ["step", "layer"]
+        if self.final_theta is not None:
+            data["final"] = _named_leaves(self.final_theta, "final_theta")
+            for name, v in data["final"].items():
+                base = name.removeprefix("final_")
+                dims[name] = [f"{base}_dim_{i}" for i in range(v.ndim - 1)]
+        data["status"] = {
+            "diverged": np.asarray(self.diverged),
+            "divergence_step": np.asarray(self.divergence_step),
+            "converged": np.asarray(self.converged),
+        }
+        config = {
+            "n_paths": self.n_paths,
+            "n_diverged": self.n_diverged,
+            "n_steps": self.n_steps,
+            "save_every": self.save_every,
+            "divergence_threshold": self.divergence_threshold,
+            "chunk_size": self.chunk_size,
+            "method": self.method,
+            "n_unconverged": int(jnp.sum(~self.converged)),  # netCDF has no boolean attrs
+            "created_by": "lspsde.exponent_distribution",
+            **(attrs or {}),
+        }
+        coords: dict[str, Any] = {"step": np.asarray(self.steps)}
+        if self.sigma_x is not None:
+            coords["layer"] = np.arange(self.sigma_x.shape[-1])
+        tree = arviz_base.from_dict(
+            data, sample_dims=["path"], dims=dims, coords=coords, attrs={"/": config}
+        )
+        valid_ids = np.flatnonzero(np.asarray(self.valid))
+        exps = arviz_base.from_dict(
+            {"exponents": self.exponents(valid_only=True)},
+            sample_dims=["path"],
+            coords={"path": valid_ids},
+        )
+        tree["exponents"] = exps["exponents"]
+        return tree
+
+    def summary(
+        self,
+        var_names: list[str] | None = None,
+        *,
+        ci_prob: float | None = None,
+        ci_kind: str = "hdi",
+        fmt: str = "wide",
+    ):
+        r"""``arviz_stats`` summary of the exponents over the non-diverged paths.
+
+        Columns: ``mean``, ``sd``, the ``ci_kind`` interval (``hdi{p}_lb``, ``hdi{p}_ub``,
+        $p$ = 100 ``ci_prob``, default ``arviz_base.rcParams["stats.ci_prob"]``), ``ess_bulk``,
+        ``ess_tail``, ``mcse_mean`` and ``mcse_sd``, all computed by ``arviz_stats`` over the
+        single sample dim ``path`` (unrounded).
+
+        The paths are independent draws, so the ESS should be close to the number $n$ of paths
+        used, and ``mcse_mean`` close to ``sd / sqrt(n)``: a much smaller ESS flags paths that
+        are not independent. ``arviz_stats`` treats the single sample dim ``path`` as one chain
+        (no ``chain``/``draw`` dims are needed; its ESS and MCSE split it in two halves), and its
+        ESS is the MCMC estimator, noisy for small $n$ (for 32 i.i.d. draws values from
+        $0.2n$ to $1.5n$ occur). R-hat needs several chains and says nothing about independent
+        paths, so it is not reported. A variable constant over the paths has ``mcse`` 0.
+
+        **Arguments:** `var_names` (default: every exponent present, ``EXPONENT_NAMES``),
+        `ci_prob`, `ci_kind` (``"hdi"`` or ``"eti"``), `fmt` (``"wide"``: a
+        ``pandas.DataFrame`` with one row per variable; ``"xarray"``: a ``Dataset`` with dim
+        ``summary``).
+
+        **Raises:** ``ValueError`` for unknown names or options, or when fewer than two paths
+        did not diverge.
+        """
+        import arviz_base
+        import arviz_stats
+        import xarray as xr
+
+        if ci_kind not in ("hdi", "eti"):
+            raise ValueError(f"`ci_kind` must be 'hdi' or 'eti', got {ci_kind!r}.")
+        if fmt not in ("wide", "xarray"):
+            raise ValueError(f"`fmt` must be 'wide' or 'xarray', got {fmt!r}.")
+        values = self.exponents(valid_only=True)
+        if var_names is not None:
+            unknown = [v for v in var_names if v not in values]
+            if unknown:
+                raise ValueError(
+                    f"Unknown or absent exponents {unknown}; this distribution has "
+                    f"{sorted(values)}."
+                )
+            values = {v: values[v] for v in var_names}
+        n = self.n_paths - self.n_diverged
+        if n < 2:
+            raise ValueError(
+                f"Only {n} of {self.n_paths} paths did not diverge; a summary needs at least 2. "
+                "Lower the step size, raise `divergence_threshold` or simulate more paths."
+            )
+        valid_ids = np.flatnonzero(np.asarray(self.valid))
+        ds = xr.Dataset({k: ("path", v) for k, v in values.items()}, coords={"path": valid_ids})
+        sample_dims = ["path"]
+        parts = [
+            arviz_stats.summary(
+                ds,
+                kind="stats",
+                sample_dims=sample_dims,
+                ci_prob=ci_prob,
+                ci_kind=ci_kind,
+                fmt="xarray",
+                round_to="none",
+            )
+        ]
+        sd = ds.std("path", ddof=1)
+        # A variable constant over the paths (alpha_theta under additive noise) has sd = 0:
+        # arviz_stats' MCSE of the sd is then 0/0; it is 0.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for method in ("bulk", "tail"):
+                ess = arviz_stats.ess(ds, sample_dims=sample_dims, method=method)
+                parts.append(ess.expand_dims(summary=[f"ess_{method}"]))
+            for method in ("mean", "sd"):
+                mcse = arviz_stats.mcse(ds, sample_dims=sample_dims, method=method)
+                parts.append(mcse.where(sd > 0, 0.0).expand_dims(summary=[f"mcse_{method}"]))
+        out = xr.concat(parts, dim="summary")
+        out.attrs.update(n_paths=self.n_paths, n_used=n, n_diverged=self.n_diverged)
+        if fmt == "xarray":
+            return out
+        return arviz_base.dataset_to_dataframe(out, sample_dims=["summary"]).T
+
+
+def _named_leaves(tree: PyTree[Array], prefix: str) -> dict[str, np.ndarray]:
+    """``{prefix + sanitised key path: leaf}``, as ``Ensemble.to_datatree`` names them."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = re.sub(r"\W+", "_", prefix + jax.tree_util.keystr(path)).strip("_")
+        out[name] = np.asarray(leaf)
+    return out
+
+
+def _sq_norm(tree: PyTree[Array]) -> Array:
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def _trajectory(system, theta0, k_p, threshold, n_steps):
+    r"""$\theta^0 \to \theta^T$ with ``simulate``'s divergence rule (freeze at the first step
+    with $\|\theta^t\|$ not $\le$ threshold); energies $\|\theta^t - \theta^*\|^2$ per step."""
+    theta_star = system.objective.minimizer()
+
+    def energy(theta):
+        if theta_star is None:
+            return jnp.zeros(())
+        return _sq_norm(jax.tree.map(jnp.subtract, theta, theta_star))
+
+    def step(carry, t):
+        theta, div_step = carry
+        new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
+        # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
+        frozen = (div_step >= 0) | ~(jnp.sqrt(_sq_norm(new)) <= threshold)
+        theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
+        div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
+        return (theta, div_step), energy(theta)
+
+    init = (theta0, jnp.full((), -1, dtype=int))
+    (final, div_step), energies = jax.lax.scan(step, init, jnp.arange(n_steps))
+    return final, div_step, jnp.concatenate([energy(theta0)[None], energies])
+
+
+def _one_path(system, theta0, key, threshold, p, *, n_steps, save_every, norm, keep_final):
+    k_p = jax.random.fold_in(key, p)
+    method, max_steps, rtol = norm
+    profile = learning_profile(
+        system,
+        theta0,
+        n_steps,
+        key=k_p,
+        save_every=save_every,
+        method=method,
+        max_steps=max_steps,
+        rtol=rtol,
+    )
+    ex = stability_exponents(profile)
+    final, div_step, energies = _trajectory(system, theta0, k_p, threshold, n_steps)
+    steps = profile.steps
+    blocks = {
+        "sigma_theta": profile.sigma_theta,
+        "sigma_u": profile.sigma_u,
+        "cum_theta": profile.cum_theta,
+        "cum_u": profile.cum_u,
+        "loss": profile.loss,
+        "sigma_x": profile.sigma_x,
+        "cum_x": profile.cum_x,
+    }
+    blocks = {k: v for k, v in blocks.items() if v is not None}
+    # First saved step at which some block is not finite (for the divergence step).
+    bad = jnp.zeros(steps.shape, dtype=bool)
+    for v in blocks.values():
+        bad = bad | ~jnp.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+    first_bad = jnp.where(bad.any(), steps[jnp.argmax(bad)], -1)
+    div_step = jnp.where(div_step >= 0, div_step, first_bad)
+    out = dict(blocks)
+    out.update(
+        alpha_theta=ex.alpha_theta,
+        alpha_theta_sup=ex.alpha_theta_sup,
+        sup_sigma_theta=jnp.max(profile.sigma_theta),
+        mean_log_sigma_theta=mean_log_norm(profile.sigma_theta[:-1]),
+        divergence_step=div_step,
+        converged=profile.converged,
+    )
+    if profile.cum_u is not None:
+        out.update(alpha_u=ex.alpha_u, sup_sigma_u=jnp.max(profile.sigma_u))
+    if profile.cum_x is not None:
+        out.update(alpha_x=ex.alpha_x[-1], sup_sigma_x=jnp.max(profile.sigma_x))
+    if system.objective.minimizer() is not None:
+        out["energy"] = energies[steps]
+        out["energy_exponent"] = jnp.log(energies[-1] / energies[0]) / (2 * n_steps)
+    if keep_final:
+        out["final_theta"] = final
+    return out
+
+
+@eqx.filter_jit
+def _run_chunk(system, theta0, key, threshold, ids, n_steps, save_every, norm, keep_final):
+    path = lambda p: _one_path(
+        system,
+        theta0,
+        key,
+        threshold,
+        p,
+        n_steps=n_steps,
+        save_every=save_every,
+        norm=norm,
+        keep_final=keep_final,
+    )
+    return eqx.filter_vmap(path)(ids)
+
+
+def _size(tree: PyTree) -> int:
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
+
+
+def default_chunk_size(
+    n_paths: int,
+    n_params: int,
+    n_noise: int,
+    n_steps: int,
+    max_steps: int,
+    itemsize: int,
+    dense: bool,
+) -> int:
+    r"""The default chunk: all paths if their estimated working set fits
+    ``CHUNK_BUDGET_BYTES`` (1 GiB), else the fewest (nearly) equal chunks that each fit.
+
+    With $d$ parameters, $m$ noise entries per step, horizon $T$ and $k$ = ``max_steps``
+    (clipped to the dimension), a path's profile holds the trajectory and the draws
+    ($\approx 4(T+1)d + 2Tm$ numbers, with the linearisation residuals), and the Lanczos bases of
+    the cumulative blocks, $2k(2d + Tm + d)$; ``method="dense"`` materialises the $d \times
+    (d + Tm)$ Jacobians instead. Memory the objective or a representation needs internally
+    (activations over a data set, probes) is not counted: pass ``chunk_size`` for such models.
+    """
+    tm = n_steps * n_noise
+    per_path = 4 * (n_steps + 1) * n_params + 2 * tm + 16 * n_params
+    if dense:
+        per_path += 2 * n_params * (n_params + tm)
+    else:
+        per_path += 2 * min(max_steps, n_params) * 2 * n_params
+        per_path += 2 * min(max_steps, max(tm, 1)) * (tm + n_params)
+    largest = max(1, CHUNK_BUDGET_BYTES // (itemsize * per_path))
+    return math.ceil(n_paths / math.ceil(n_paths / largest))
+
+
+def _check_key(key: Any) -> None:
+    ok = isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.shape == (2,) and key.dtype == jnp.uint32)
+    )
+    if not ok:
+        raise TypeError(
+            f"`key` must be a JAX PRNG key, got {key!r}; use `key=jax.random.key(seed)`."
+        )
+
+
+def _describe(tree: PyTree) -> str:
+    return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree))
+
+
+def exponent_distribution(
+    system: LearningSystem | tuple[AbstractObjective, AbstractParameterFlow, AbstractNoise],
+    theta0: PyTree[ArrayLike],
+    *,
+    key: PRNGKeyArray,
+    n_paths: int,
+    n_steps: int,
+    save_every: int = 1,
+    chunk_size: int | None = None,
+    divergence_threshold: ScalarLike = 1e8,
+    method: str = "auto",
+    max_steps: int = 64,
+    rtol: float = 1e-6,
+    keep_final: bool = True,
+    progress: bool | None = None,
+) -> ExponentDistribution:
+    r"""The distribution over independent noise paths of the stability exponents of ``system``.
+
+    For $p = 0, \dots, n-1$ the path $\theta_p^{t+1} = \mathcal{A}_t(\theta_p^t, u_p^t)$,
+    $u_p^t$ drawn from ``fold_in(fold_in(key, p), t)`` (the noise stream of
+    [`simulate`][lspsde.simulate]'s path $p$), is profiled with
+    [`learning_profile`][lspsde.profile.learning_profile] and reduced to its exponents
+    $\alpha_\theta^{(p)}$, $\alpha_u^{(p)}$, the profile signatures and the energy exponent (see
+    [`ExponentDistribution`][] and the module docstring for the definitions).
+
+    **Arguments:**
+
+    - `system`: a [`LearningSystem`][lspsde.system.LearningSystem] (with a representation and
+      probes for the depth blocks), or a tuple ``(objective, update, noise)``.
+    - `theta0`: $\theta^0$, a pytree of floating arrays shared by all paths.
+    - `key`: a JAX PRNG key.
+    - `n_paths`, `n_steps`: the number of paths and the horizon $T$.
+    - `save_every`: the profile is evaluated at $t = 0, s, 2s, \dots$ and $T$ (the sup forms
+      are over these steps; the cost grows with their number).
+    - `chunk_size`: paths per compiled call (the last chunk is padded, so one program serves
+      every chunk). Default: [`default_chunk_size`][] with a 1 GiB budget.
+    - `divergence_threshold`: a path diverges at the first $t$ with $\|\theta^t\| >$ threshold
+      or $\theta^t$ not finite (as in ``simulate``), or when its profile is not finite.
+    - `method`, `max_steps`, `rtol`: how the operator norms are computed (as in
+      ``learning_profile``: ``"auto"``, ``"lanczos"``, ``"power"`` or ``"dense"``).
+    - `keep_final`: keep $\theta^T$ of every path (``n_paths`` copies of $\theta$).
+    - `progress`: a tqdm bar over chunks; default: only on a terminal with several chunks.
+
+    **Returns:** an [`ExponentDistribution`][]; ``.summary()`` for the ``arviz_stats``
+    summary, ``.to_datatree()`` for an ArviZ ``DataTree``.
+
+    **Cost.** The paths of a chunk run in lockstep (``vmap``): each matrix-free norm iterates
+    until its slowest path has converged. Where iteration counts differ between paths
+    (state-dependent noise) a smaller ``chunk_size`` can be faster; where the Jacobians are
+    the same on every path (additive noise on a quadratic) a large chunk turns the products
+    into matrix-matrix products and is much faster. ``method="dense"`` is exact and compiles
+    faster for small $d$.
+
+    **Raises:** ``TypeError``/``ValueError`` before anything is compiled for: wrong object
+    types, non-positive or non-integer counts, ``save_every > n_steps``, a bad norm option,
+    ``divergence_threshold <= 0``, a ``theta0`` that is not floating, not finite, beyond the
+    threshold, or that one update step does not map to its own shape, or a noise model whose
+    ``check(objective, theta0)`` fails.
+    """
+    if isinstance(system, tuple):
+        if len(system) != 3:
+            raise TypeError(
+                "`system` must be a LearningSystem or a tuple (objective, update, noise), got a "
+                f"tuple of length {len(system)}."
+            )
+        system = LearningSystem(*system)
+    if not isinstance(system, LearningSystem):
+        raise TypeError(
+            "`system` must be a LearningSystem or a tuple (objective, update, noise), got "
+            f"{type(system).__name__}."
+        )
+    n_paths = check_positive_int("n_paths", n_paths, fix="Use at least one path.")
+    n_steps = check_positive_int("n_steps", n_steps, fix="Train for at least one step.")
+    save_every = check_positive_int("save_every", save_every)
+    if save_every > n_steps:
+        raise ValueError(
+            f"`save_every`={save_every} exceeds `n_steps`={n_steps}; use save_every <= n_steps "
+            "(the last step is always saved)."
+        )
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size, fix="Or pass None (automatic).")
+    NormOptions(method, max_steps, rtol)  # checks the three norm options
+    check_positive(
+        "divergence_threshold",
+        divergence_threshold,
+        fix="It bounds ||theta||; use e.g. 1e8 (the default).",
+    )
+    _check_key(key)
+    theta0 = jax.tree.map(jnp.asarray, theta0)
+    leaves = jax.tree.leaves(theta0)
+    if not leaves or not all(jnp.issubdtype(a.dtype, jnp.inexact) for a in leaves):
+        raise TypeError(
+            f"`theta0` must hold floating-point arrays, got {_describe(theta0)}; "
+            "e.g. `jnp.asarray(theta0, dtype=float)`."
+        )
+    largest = math.sqrt(float(jnp.finfo(jnp.result_type(*leaves)).max))
+    if not float(divergence_threshold) < largest:
+        raise ValueError(
+            f"`divergence_threshold`={float(divergence_threshold):g} is not below "
+            f"sqrt(max float) = {largest:.3g} for theta0's dtype; use a smaller threshold."
+        )
+    norm0 = float(jnp.sqrt(_sq_norm(theta0)))
+    if not norm0 <= divergence_threshold:
+        raise ValueError(
+            f"`theta0` has norm {norm0:.6g}, not finite or above `divergence_threshold`="
+            f"{float(divergence_threshold):g}: every path would diverge at step 0. Start from a "
+            "finite theta0 or raise the threshold."
+        )
+    check_parameters(system, theta0)  # one update step, abstractly: shapes and dtypes
+    check = getattr(system.noise, "check", None)
+    if callable(check):
+        check(system.objective, theta0)
+
+    u_shape = jax.eval_shape(lambda th: system.noise_at(jax.random.key(0), 0, th), theta0)
+    n_noise = sum(
+        math.prod(a.shape) for a in jax.tree.leaves(u_shape) if jnp.issubdtype(a.dtype, jnp.inexact)
+    )
+    itemsize = max(a.dtype.itemsize for a in leaves)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            n_paths, _size(theta0), n_noise, n_steps, max_steps, itemsize, method == "dense"
+        )
+    chunk_size = min(chunk_size, n_paths)
+    devices = jax.local_devices()
+    # At least two paths per device in a compiled chunk, as in `simulate` (XLA:CPU rounds a
+    # one-row product differently); the padding is discarded.
+    width = 2 * len(devices)
+    padded = math.ceil(chunk_size / width) * width
+    sharding = None
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
+    threshold = jnp.asarray(divergence_threshold, dtype=float)
+    # The iteration controls are static: normalise them where unused, to share the program.
+    norm = ("dense", 64, 1e-6) if method == "dense" else (method, int(max_steps), float(rtol))
+    n_chunks = math.ceil(n_paths / chunk_size)
+    if progress is None:
+        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
+
+    chunks = []
+    for start in tqdm(
+        range(0, n_paths, chunk_size),
+        total=n_chunks,
+        disable=not progress,
+        desc="exponent_distribution",
+    ):
+        ids = jnp.arange(start, start + padded)  # global path indices; the tail is padding
+        if sharding is not None:
+            ids = jax.device_put(ids, sharding)
+        out = _run_chunk(system, theta0, key, threshold, ids, n_steps, save_every, norm, keep_final)
+        valid = min(chunk_size, n_paths - start)
+        chunks.append(jax.tree.map(lambda x: x[:valid], out) if valid < padded else out)
+    out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks) if n_chunks > 1 else chunks[0]
+
+    energy_exponent = out.get("energy_exponent")
+    if energy_exponent is not None:
+        star = system.objective.minimizer()
+        e0 = float(_sq_norm(jax.tree.map(jnp.subtract, theta0, star)))
+        if e0 == 0.0:
+            energy_exponent = None  # theta0 = theta*: the ratio ||e_T|| / ||e_0|| is undefined
+    div_step = out["divergence_step"]
+    return ExponentDistribution(
+        alpha_theta=out["alpha_theta"],
+        alpha_theta_sup=out["alpha_theta_sup"],
+        alpha_u=out.get("alpha_u"),
+        energy_exponent=energy_exponent,
+        sup_sigma_theta=out["sup_sigma_theta"],
+        mean_log_sigma_theta=out["mean_log_sigma_theta"],
+        sup_sigma_u=out.get("sup_sigma_u"),
+        alpha_x=out.get("alpha_x"),
+        sup_sigma_x=out.get("sup_sigma_x"),
+        sigma_theta=out["sigma_theta"],
+        sigma_u=out.get("sigma_u"),
+        cum_theta=out["cum_theta"],
+        cum_u=out.get("cum_u"),
+        loss=out["loss"],
+        energy=out.get("energy"),
+        sigma_x=out.get("sigma_x"),
+        cum_x=out.get("cum_x"),
+        final_theta=out.get("final_theta"),
+        diverged=div_step >= 0,
+        divergence_step=div_step,
+        converged=out["converged"],
+        steps=jnp.asarray(_saved(n_steps, save_every)),
+        n_steps=n_steps,
+        save_every=save_every,
+        divergence_threshold=float(divergence_threshold),
+        chunk_size=chunk_size,
+        method=method,
+    )
+
+
+def _saved(n_steps: int, save_every: int) -> np.ndarray:
+    steps = list(range(0, n_steps + 1, save_every))
+    if steps[-1] != n_steps:
+        steps.append(n_steps)
+    return np.asarray(steps)
