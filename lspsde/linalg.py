@@ -448,6 +448,7 @@ def _golub_kahan(mv, rmv, v0, k, rtol):
         scale=zero,
         sigma=zero,
         done=jnp.array(False),
+        nonfinite=jnp.array(False),
     )
 
     def cond(c):
@@ -459,6 +460,7 @@ def _golub_kahan(mv, rmv, v0, k, rtol):
         # u_j = A v_j - beta_{j-1} u_{j-1}, reorthogonalised against U.
         u = _reorthogonalise(U, mv(v) - c["beta_prev"] * c["u_prev"])
         alpha = jnp.linalg.norm(u)
+        nonfinite = c["nonfinite"] | ~jnp.isfinite(alpha)
         scale = jnp.maximum(c["scale"], alpha)
         ok_a = alpha > breakdown * scale
         alpha = jnp.where(ok_a, alpha, 0)
@@ -467,6 +469,7 @@ def _golub_kahan(mv, rmv, v0, k, rtol):
         # v_{j+1} = A^T u_j - alpha_j v_j, reorthogonalised against V.
         w = _reorthogonalise(V, rmv(u) - alpha * v)
         beta = jnp.linalg.norm(w)
+        nonfinite = nonfinite | ~jnp.isfinite(beta)
         scale = jnp.maximum(scale, beta)
         ok_b = ok_a & (beta > breakdown * scale)
         beta = jnp.where(ok_b, beta, 0)
@@ -485,7 +488,7 @@ def _golub_kahan(mv, rmv, v0, k, rtol):
         ritz_res = beta * x_j / safe  # relative to sigma^2
         exhausted = ~ok_b
         delta = jnp.abs(sigma - c["sigma"])
-        done = exhausted | ((delta <= rtol * sigma) & (ritz_res <= rtol))
+        done = exhausted | nonfinite | ((delta <= rtol * sigma) & (ritz_res <= rtol))
         return dict(
             j=j + 1,
             U=U,
@@ -497,6 +500,7 @@ def _golub_kahan(mv, rmv, v0, k, rtol):
             scale=scale,
             sigma=sigma,
             done=done,
+            nonfinite=nonfinite,
         )
 
     c = lax.while_loop(cond, body, init)
@@ -507,7 +511,9 @@ def _golub_kahan(mv, rmv, v0, k, rtol):
     nv = jnp.linalg.norm(v)
     # sigma = 0 (zero operator): the singular vector is arbitrary; return the start vector.
     v = jnp.where(nv > 0.5, v / jnp.where(nv > 0.5, nv, 1), v1)
-    return c["sigma"], v, c["j"], c["done"]
+    # A non-finite Jacobian-vector product (an overflowing map) is NaN, never a finite norm.
+    sigma = jnp.where(c["nonfinite"], jnp.nan, c["sigma"])
+    return sigma, v, c["j"], c["done"] & ~c["nonfinite"]
 
 
 def _power(mv, rmv, v0, max_steps, rtol):

@@ -552,3 +552,12 @@ def test_bad_maps_raise_before_compilation(caplog):
             jacobian_norm(lambda x: (x > 0).astype(jnp.int32), v0)
         with pytest.raises(TypeError, match="floating dtype"):
             linalg._check_float_pytree("x", ints)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_non_finite_jacobian_gives_nan_not_a_norm(method):
+    """An overflowing map must not look finite: both routes return NaN, unconverged."""
+    f = lambda x: jnp.array([jnp.inf, 1.0]) * x
+    r = linalg.jacobian_norm(f, jnp.ones(2), method=method)
+    assert np.isnan(float(r.value)) and not bool(r.converged)
+    assert np.isnan(float(linalg.dense_jacobian_norm(f, jnp.ones(2))))
