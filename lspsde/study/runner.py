@@ -46,7 +46,14 @@ class Experiment:
 
 
 def _registry() -> dict[str, Experiment]:
-    from . import feedforward, noise_ablation, residual, sgd_constant, sgd_decreasing
+    from . import (
+        continuous_limit,
+        feedforward,
+        noise_ablation,
+        residual,
+        sgd_constant,
+        sgd_decreasing,
+    )
 
     return {
         "feedforward_spectral": feedforward.EXPERIMENT,
@@ -54,6 +61,7 @@ def _registry() -> dict[str, Experiment]:
         "sgd_constant": sgd_constant.EXPERIMENT,
         "sgd_decreasing": sgd_decreasing.EXPERIMENT,
         "noise_ablation": noise_ablation.EXPERIMENT,
+        "continuous_limit": continuous_limit.EXPERIMENT,
     }
 
 

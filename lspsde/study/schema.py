@@ -240,6 +240,39 @@ class NoiseAblation(_Strict):
         return self
 
 
+class ContinuousLimit(_Strict):
+    """SGD against its SDE limit (Li-Tai-E) and its ODE limit over a grid of eta, with fitted
+    orders; residual networks against their neural-ODE limit over a grid of depths."""
+
+    eta_over_etamax: Grid(PositiveFloat, min_length=3) = [0.05, 0.1, 0.2, 0.4, 1.5]
+    horizon: PositiveFloat = 1.0
+    systems: list[Literal["quadratic", "least_squares", "two_layer", "heavy_tailed"]] = [
+        "quadratic",
+        "least_squares",
+        "two_layer",
+        "heavy_tailed",
+    ]
+    sigma: PositiveFloat = 0.5
+    dim: Annotated[int, Field(ge=2, le=64)] = 4
+    n_paths: Annotated[int, Field(ge=16)] = 2048
+    residual_depths: Grid(PositiveInt, min_length=3) = [4, 8, 16, 32, 64]
+    residual_horizon: PositiveFloat = 2.0
+    residual_dim: PositiveInt = 4
+    n_probes: PositiveInt = 8
+    level: Level = 0.95
+
+    @model_validator(mode="after")
+    def _enough_stable_steps(self):
+        if sum(r < 1 for r in self.eta_over_etamax) < 3:
+            raise ValueError(
+                f"eta_over_etamax = {self.eta_over_etamax} has fewer than 3 values below 1; an "
+                "order fit needs at least 3 steps where the limit theory applies"
+            )
+        if not self.systems:
+            raise ValueError("systems is empty; name at least one of the four systems")
+        return self
+
+
 class StudyConfig(_Strict):
     study: StudyMeta
     feedforward_spectral: FeedforwardSpectral | None = None
@@ -247,6 +280,7 @@ class StudyConfig(_Strict):
     sgd_constant: SGDConstant | None = None
     sgd_decreasing: SGDDecreasing | None = None
     noise_ablation: NoiseAblation | None = None
+    continuous_limit: ContinuousLimit | None = None
 
     def experiments(self) -> dict[str, _Strict]:
         """The experiment tables present in the file, in file order of the schema."""
