@@ -178,6 +178,18 @@ def _substeps(step_size: Array, dt: float | None, who: str, given: object = None
     return math.ceil(ratio)
 
 
+def _settings(who: str, step_size, order, dt, max_steps, adjoint) -> tuple:
+    """The checked settings every limit shares: ``(step_size, order, dt, n_substeps, max_steps,
+    adjoint)``."""
+    eta = _constant_step(step_size, who)
+    if order not in (1, 2):
+        raise ValueError(f"`order` must be 1 or 2, got {order!r}.")
+    dt = None if dt is None else float(dt)
+    n = _substeps(eta, dt, who, step_size)
+    max_steps = check_positive_int("max_steps", max_steps)
+    return eta, order, dt, n, max_steps, dfx.DirectAdjoint() if adjoint is None else adjoint
+
+
 class AbstractContinuousLimit(AbstractParameterFlow):
     r"""A continuous-time flow sampled every ``step_size`` time units: step $k$ of it maps
     $\Theta(k\eta)$ to $\Theta((k+1)\eta)$."""
@@ -272,12 +284,9 @@ class GradientFlow(AbstractContinuousLimit):
         max_steps: int = 4096,
         adjoint: dfx.AbstractAdjoint | None = None,
     ):
-        self.step_size = _constant_step(step_size, "GradientFlow")
-        if order not in (1, 2):
-            raise ValueError(f"`order` must be 1 or 2, got {order!r}.")
-        self.order = order
-        self.dt = None if dt is None else float(dt)
-        self.n_substeps = _substeps(self.step_size, self.dt, "GradientFlow", step_size)
+        (self.step_size, self.order, self.dt, self.n_substeps, self.max_steps, self.adjoint) = (
+            _settings("GradientFlow", step_size, order, dt, max_steps, adjoint)
+        )
         self.solver = dfx.Tsit5() if solver is None else solver
         if not isinstance(self.solver, dfx.AbstractSolver):
             raise TypeError(f"`solver` must be a diffrax solver, got {self.solver!r}.")
@@ -285,8 +294,6 @@ class GradientFlow(AbstractContinuousLimit):
         if stepsize_controller is None:
             stepsize_controller = dfx.PIDController(rtol=1e-8, atol=1e-10)
         self.stepsize_controller = stepsize_controller
-        self.max_steps = check_positive_int("max_steps", max_steps)
-        self.adjoint = dfx.DirectAdjoint() if adjoint is None else adjoint
 
     def draw(
         self,
@@ -387,18 +394,13 @@ class SGDLimit(AbstractContinuousLimit):
         max_steps: int = 4096,
         adjoint: dfx.AbstractAdjoint | None = None,
     ):
-        self.step_size = _constant_step(step_size, "SGDLimit")
-        if order not in (1, 2):
-            raise ValueError(f"`order` must be 1 or 2, got {order!r}.")
-        self.order = order
-        self.dt = None if dt is None else float(dt)
-        self.n_substeps = _substeps(self.step_size, self.dt, "SGDLimit", step_size)
+        (self.step_size, self.order, self.dt, self.n_substeps, self.max_steps, self.adjoint) = (
+            _settings("SGDLimit", step_size, order, dt, max_steps, adjoint)
+        )
         if solver is not None and not isinstance(solver, dfx.AbstractSolver):
             raise TypeError(f"`solver` must be a diffrax solver, got {solver!r}.")
         self.solver = solver
         self.stepsize_controller = stepsize_controller
-        self.max_steps = check_positive_int("max_steps", max_steps)
-        self.adjoint = dfx.DirectAdjoint() if adjoint is None else adjoint
 
     # -- what the flow integrates -------------------------------------------------------------
 
