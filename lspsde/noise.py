@@ -525,10 +525,12 @@ class GaussianNoise(AbstractNoise):
         return _safe_norm(flat - _minimizer(objective, theta, "GaussianNoise with sigma1 != 0"))
 
     def sample(self, key: PRNGKeyArray, theta: PyTree[Array]) -> tuple[PyTree[Array], ...]:
-        # One flat draw of 2d normals, halved: on CPU one call of size 2d costs about a quarter
-        # of two calls of size d at small d (benchmarks/bench_limits.py, profile).
+        # One flat draw of 2d normals, halved: on CPU one call of size 2d cost about a quarter
+        # of two calls of size d at small d. The barrier keeps XLA from fusing the whole normal
+        # transform into the update, which made small-d steps ~2x slower (bench_limits.py).
         flat, unravel = ravel_pytree(theta)
         z = jax.random.normal(key, (2 * flat.size,), dtype=flat.dtype)
+        z = jax.lax.optimization_barrier(z)
         return unravel(z[: flat.size]), unravel(z[flat.size :])
 
     def zero(self, theta: PyTree[Array]) -> tuple[PyTree[Array], ...]:
