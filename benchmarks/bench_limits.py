@@ -152,9 +152,9 @@ def _aot(run, *args) -> tuple[Callable[[], jax.Array], float]:
     return (lambda: compiled(*args)), time.perf_counter() - start
 
 
-def lspsde_impl(prob: dict, n_paths: int, n_steps: int, n_sub: int):
+def lspsde_impl(prob: dict, n_paths: int, n_steps: int, n_sub: int, coupled: bool = True):
     objective = Quadratic(prob["H"], prob["theta_star"])
-    limit = SGDLimit(ETA, dt=ETA / n_sub, solver=dfx.Euler())
+    limit = SGDLimit(ETA, dt=ETA / n_sub, solver=dfx.Euler(), coupled=coupled)
     _check_substeps(limit, n_sub)
     key = jax.random.key(0)
     fn = lambda: (
@@ -301,8 +301,14 @@ def ubp_impl(prob, n_paths, n_steps, n_sub):
     return _diffrax(prob, n_paths, n_steps, n_sub, "ubp")
 
 
+def lspsde_uncoupled_impl(prob: dict, n_paths: int, n_steps: int, n_sub: int):
+    """``SGDLimit(..., coupled=False)``: independent sub-step increments, no bridge."""
+    return lspsde_impl(prob, n_paths, n_steps, n_sub, coupled=False)
+
+
 IMPLS = {
     "lspsde": lspsde_impl,
+    "lspsde_uncoupled": lspsde_uncoupled_impl,
     "scan": scan_impl,
     "vbt": vbt_impl,
     "ubp": ubp_impl,
@@ -325,6 +331,7 @@ PROFILE_IMPLS = {
     "scan_presampled": scan_presampled_impl,
     "scan_sequential": scan_sequential_impl,
     "lspsde": lspsde_impl,
+    "lspsde_uncoupled": lspsde_uncoupled_impl,
 }
 PROFILE_CASES = [(10, "isotropic", 1), (10, "state", 1), (100, "isotropic", 32), (100, "state", 32)]
 

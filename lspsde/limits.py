@@ -221,10 +221,11 @@ def _drift(objective: AbstractObjective, unravel, eta: Array, order: int):
 
 
 def _lax_stages(solver: dfx.AbstractSolver) -> dfx.AbstractSolver:
-    """SRK solvers loop over their stages with a checkpointed scan (a ``custom_vjp``), which
-    forward-mode autodiff cannot enter; the plain ``lax.scan`` computes the same numbers and
-    lets profiles and Lyapunov spectra (JVPs and VJPs) differentiate through the step."""
-    if isinstance(solver, dfx.AbstractSRK) and solver.scan_kind is None:
+    """Runge–Kutta and SRK solvers loop over their stages with a checkpointed scan (a
+    ``custom_vjp``) by default, which forward-mode autodiff cannot enter; the plain
+    ``lax.scan`` computes the same numbers and lets profiles and Lyapunov spectra (JVPs and
+    VJPs) differentiate through a fixed step."""
+    if hasattr(solver, "scan_kind") and solver.scan_kind is None:
         return eqx.tree_at(lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None)
     return solver
 
@@ -287,9 +288,9 @@ class GradientFlow(AbstractContinuousLimit):
         (self.step_size, self.order, self.dt, self.n_substeps, self.max_steps, self.adjoint) = (
             _settings("GradientFlow", step_size, order, dt, max_steps, adjoint)
         )
-        self.solver = dfx.Tsit5() if solver is None else solver
-        if not isinstance(self.solver, dfx.AbstractSolver):
-            raise TypeError(f"`solver` must be a diffrax solver, got {self.solver!r}.")
+        if solver is not None and not isinstance(solver, dfx.AbstractSolver):
+            raise TypeError(f"`solver` must be a diffrax solver, got {solver!r}.")
+        self.solver = _lax_stages(dfx.Tsit5() if solver is None else solver)
         _check_ode_solver(self.solver, "GradientFlow")
         if stepsize_controller is None:
             stepsize_controller = dfx.PIDController(rtol=1e-8, atol=1e-10)
@@ -359,6 +360,10 @@ class SGDLimit(AbstractContinuousLimit):
       ``diffeqsolve`` with adaptive steps on a ``VirtualBrownianTree``; then paths are not
       coupled to SGD's draws.
     - `max_steps`, `adjoint`: for the adaptive mode, as in [`GradientFlow`][].
+    - `coupled`: with fixed steps, pin each step's Brownian increment to SGD's draw and fill in
+      the sub-steps as a bridge (default ``True``: paired weak errors and strong errors against
+      SGD are available). ``False`` draws every sub-step increment independently: the same law,
+      no coupling, and a little cheaper for many sub-steps (no bridge arithmetic).
 
     SRK solvers are run with ``scan_kind="lax"`` (same numbers; their default checkpointed
     stage loop cannot be differentiated in forward mode, which profiles need).
@@ -383,6 +388,7 @@ class SGDLimit(AbstractContinuousLimit):
     adjoint: dfx.AbstractAdjoint
     n_substeps: int = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    coupled: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -393,10 +399,14 @@ class SGDLimit(AbstractContinuousLimit):
         stepsize_controller: dfx.AbstractStepSizeController | None = None,
         max_steps: int = 4096,
         adjoint: dfx.AbstractAdjoint | None = None,
+        coupled: bool = True,
     ):
         (self.step_size, self.order, self.dt, self.n_substeps, self.max_steps, self.adjoint) = (
             _settings("SGDLimit", step_size, order, dt, max_steps, adjoint)
         )
+        if not isinstance(coupled, bool):
+            raise TypeError(f"`coupled` must be True or False, got {coupled!r}.")
+        self.coupled = coupled
         if solver is not None and not isinstance(solver, dfx.AbstractSolver):
             raise TypeError(f"`solver` must be a diffrax solver, got {solver!r}.")
         self.solver = solver
@@ -479,11 +489,15 @@ class SGDLimit(AbstractContinuousLimit):
         steps: a ``VirtualBrownianTree``)."""
         if isinstance(noise, NoNoise) or self.stepsize_controller is not None:
             return key
+        dtype = ravel_pytree(theta)[0].dtype
+        if not self.coupled:  # nothing to pin: the sub-steps draw their own increments
+            m = noise.diffusion(objective, theta).in_size()  # traced only for its shape
+            return BrownianStep(jnp.zeros((m,), dtype), jax.random.fold_in(key, 1))
         if noise.gaussian_draws:
             xi = ravel_pytree(noise.sample(key, theta))[0]
         else:
-            m = noise.diffusion(objective, theta).in_size()  # traced only for its shape
-            xi = jax.random.normal(key, (m,), ravel_pytree(theta)[0].dtype)
+            m = noise.diffusion(objective, theta).in_size()
+            xi = jax.random.normal(key, (m,), dtype)
         return BrownianStep(jnp.sqrt(self.step_size) * xi, jax.random.fold_in(key, 1))
 
     def _bridge(self, noise: AbstractNoise, u: BrownianStep):
@@ -499,7 +513,9 @@ class SGDLimit(AbstractContinuousLimit):
 
         def sub_step(i, remaining):
             k_i = jax.random.fold_in(u.key, i)
-            if n == 1:
+            if not self.coupled:
+                W = jnp.sqrt(delta) * jax.random.normal(k_i, shape, dtype)
+            elif n == 1:
                 W = remaining
             else:
                 left = (n - i).astype(dtype)
@@ -520,7 +536,7 @@ class SGDLimit(AbstractContinuousLimit):
 
     def increments(self, noise: AbstractNoise, u: BrownianStep) -> BrownianIncrements:
         r"""The sub-step increments (and Lévy areas) that [`step`][] uses for the draw ``u``,
-        stacked: ``W`` of shape ``(n_substeps, m)``, summing to ``u.total``."""
+        stacked: ``W`` of shape ``(n_substeps, m)``, summing to ``u.total`` when ``coupled``."""
         sub_step, remaining = self._bridge(noise, u)
 
         def body(rem, i):

@@ -458,3 +458,66 @@ def test_order_interval_covers_the_true_order():
         hits += fit.ci[0] <= p <= fit.ci[1]
     coverage = hits / n_rep
     assert abs(coverage - 0.95) < 3 * np.sqrt(0.95 * 0.05 / n_rep), coverage
+
+
+# -- solver and option coverage ---------------------------------------------------------------
+
+
+def test_uncoupled_increments_have_the_same_law_but_no_pin():
+    eta, n = 0.3, 4
+    noise = lspsde.IsotropicGaussian(1.0)
+    limit = SGDLimit(eta, dt=eta / n, solver=dfx.Euler(), coupled=False)
+    keys = jax.random.split(jax.random.key(1), 20_000)
+    W = np.asarray(
+        jax.vmap(lambda k: limit.increments(noise, limit.draw(QUAD, noise, k, THETA0)).W)(keys)
+    )
+    flat = W.reshape(len(keys), -1)
+    se = np.sqrt(2.0 / len(keys)) * eta / n
+    np.testing.assert_allclose(np.cov(flat, rowvar=False), eta / n * np.eye(flat.shape[1]),
+                               atol=5 * se)  # fmt: skip
+    xi = np.asarray(jax.vmap(lambda k: noise.sample(k, THETA0))(keys))
+    corr = np.corrcoef(W.sum(axis=1)[:, 0], xi[:, 0])[0, 1]
+    assert abs(corr) < 0.05  # not pinned to SGD's draw
+    ens = lspsde.simulate(QUAD, SGDLimit(0.25, coupled=False), lspsde.IsotropicGaussian(1.5),
+                          THETA0, key=jax.random.key(3), n_paths=2048, n_steps=8,
+                          save="summary")  # fmt: skip
+    m = ens.mean_energy()
+    assert abs(float(m.mean[-1]) - float(_ou_second_moment(2.0, 0.25, 1.5))) < 4 * float(m.sem[-1])
+
+
+@pytest.mark.parametrize("solver", [dfx.ItoMilstein(), dfx.Heun(), dfx.SRA1()])
+def test_other_solvers_on_additive_noise(solver):
+    """With additive noise Milstein is Euler-Maruyama exactly; Heun and SRA1 (Stratonovich =
+    Ito here) have the OU stationary covariance within 1e-2 at the default step."""
+    eta = 0.5
+    noise = lspsde.IsotropicGaussian(1.0)
+    limit = SGDLimit(eta, solver=solver)
+    u = limit.draw(QUAD, noise, jax.random.key(0), THETA0)
+    if isinstance(solver, dfx.ItoMilstein):
+        euler = SGDLimit(eta, solver=dfx.Euler())
+        incs = euler.increments(noise, euler.draw(QUAD, noise, jax.random.key(0), THETA0))
+        np.testing.assert_allclose(
+            limit.step(QUAD, noise, 0, THETA0, incs),
+            euler.step(QUAD, noise, 0, THETA0, incs),
+            rtol=1e-13,
+        )
+        return
+    A, Q = _one_step_moments(limit, noise, eta)
+    S = jnp.zeros((D, D))
+    for _ in range(400):
+        S = A @ S @ A.T + Q
+    rel = np.asarray(jnp.diag(S) / (eta / D / (2 * LAM)) - 1)
+    assert np.all(np.abs(rel) < 1e-2), rel
+    assert np.all(np.isfinite(np.asarray(limit.step(QUAD, noise, 0, THETA0, u))))
+
+
+def test_second_order_sgd_limit_drift_is_the_modified_flow():
+    """With zero noise SGDLimit(order=2) follows the order-2 modified gradient flow."""
+    eta = 0.2
+    noise = lspsde.IsotropicGaussian(0.0)
+    kw = dict(key=jax.random.key(0), n_paths=2, n_steps=5)
+    sde = lspsde.simulate(QUAD, SGDLimit(eta, order=2), noise, THETA0, **kw)  # ShARK
+    lam = np.asarray(LAM)
+    t = np.asarray(sde.steps) * eta
+    exact = np.exp(-np.outer(t, lam + eta * lam**2 / 2)) * np.asarray(THETA0)
+    np.testing.assert_allclose(sde.theta[0], exact, rtol=1e-4)  # ShARK at dt = eta / 32
