@@ -366,7 +366,10 @@ class SGDLimit(AbstractContinuousLimit):
       no coupling, and a little cheaper for many sub-steps (no bridge arithmetic).
 
     SRK solvers are run with ``scan_kind="lax"`` (same numbers; their default checkpointed
-    stage loop cannot be differentiated in forward mode, which profiles need).
+    stage loop cannot be differentiated in forward mode, which profiles need). In
+    ``learning_profile`` a limit has the parametric blocks ($\sigma^\theta_t$, cumulative
+    $\|\partial\Theta_t/\partial\Theta_0\|$); its draw holds a key, so the $u$-blocks are
+    reported as undefined (``None``), as for minibatch indices.
 
     **Default accuracy.** With the default $\delta = \eta/32$: on an Ornstein–Uhlenbeck process
     with curvature $\lambda$, ShARK's stationary variance is within $10^{-3}$ relative of

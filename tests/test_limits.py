@@ -521,3 +521,18 @@ def test_second_order_sgd_limit_drift_is_the_modified_flow():
     t = np.asarray(sde.steps) * eta
     exact = np.exp(-np.outer(t, lam + eta * lam**2 / 2)) * np.asarray(THETA0)
     np.testing.assert_allclose(sde.theta[0], exact, rtol=1e-4)  # ShARK at dt = eta / 32
+
+
+def test_learning_profile_of_the_sde_limit():
+    """The parametric blocks of the OU limit: ||dTheta_{t+eta}/dTheta_t|| = exp(-lambda_min eta)
+    on every path (additive noise), cumulative exp(-lambda_min t); u-blocks undefined."""
+    eta = 0.1
+    system = lspsde.LearningSystem(QUAD, SGDLimit(eta), lspsde.IsotropicGaussian(0.5))
+    prof = lspsde.learning_profile(system, THETA0, key=jax.random.key(0), n_steps=10,
+                                   save_every=5)  # fmt: skip
+    lam_min = float(LAM.min())
+    np.testing.assert_allclose(prof.sigma_theta, np.exp(-lam_min * eta), rtol=1e-6)
+    np.testing.assert_allclose(
+        prof.cum_theta, np.exp(-lam_min * eta * np.asarray(prof.steps)), rtol=1e-6
+    )
+    assert prof.sigma_u is None and prof.cum_u is None
