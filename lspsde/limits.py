@@ -31,8 +31,8 @@ an SGD path and its SDE-limit path are *coupled*: Euler–Maruyama with one sub-
 and strong errors between the two are meaningful. The sub-steps are a ``lax.scan`` of the diffrax
 solver's own ``step`` over diffrax terms, each sub-step drawing its bridge increment as it goes:
 no adaptive loop, no Brownian tree search, no pre-sampled block (drawing the $n \times m$ block up
-front measured 1.3–1.9x slower on CPU), so a fixed-step ensemble runs at about the speed of a
-hand-written scan (``benchmarks/bench_limits.py``). Space-time(-time) Lévy areas, for ``ShARK``,
+front measured up to 1.6x slower on CPU), so a fixed-step ensemble runs at 0.9–1.25x the speed of
+a hand-written scan (``benchmarks/bench_limits.py``). Space-time(-time) Lévy areas, for ``ShARK``,
 ``SRA1``, ``SEA`` and the like, are drawn independently per sub-step ($H_i \sim N(0, \delta/12)$,
 $K_i \sim N(0, \delta/720)$), which is their exact joint law. [`SGDLimit.increments`][] returns
 the sub-step increments of a draw, and ``step`` also accepts explicit
@@ -516,13 +516,16 @@ class SGDLimit(AbstractContinuousLimit):
 
         def sub_step(i, remaining):
             k_i = jax.random.fold_in(u.key, i)
+            # (The barriers keep XLA from fusing the whole normal transform into the solver's
+            # update, measured up to 1.7x slower at small m: benchmarks/bench_limits.py.)
             if not self.coupled:
-                W = jnp.sqrt(delta) * jax.random.normal(k_i, shape, dtype)
+                z = jax.lax.optimization_barrier(jax.random.normal(k_i, shape, dtype))
+                W = jnp.sqrt(delta) * z
             elif n == 1:
                 W = remaining
             else:
                 left = (n - i).astype(dtype)
-                z = jax.random.normal(k_i, shape, dtype)
+                z = jax.lax.optimization_barrier(jax.random.normal(k_i, shape, dtype))
                 W = remaining / left + jnp.sqrt(delta * (left - 1) / left) * z
             H = K = None
             if levy in (dfx.SpaceTimeLevyArea, dfx.SpaceTimeTimeLevyArea):
