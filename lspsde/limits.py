@@ -31,7 +31,7 @@ an SGD path and its SDE-limit path are *coupled*: Euler–Maruyama with one sub-
 and strong errors between the two are meaningful. The sub-steps are a ``lax.scan`` of the diffrax
 solver's own ``step`` over diffrax terms, each sub-step drawing its bridge increment as it goes:
 no adaptive loop, no Brownian tree search, no pre-sampled block (drawing the $n \times m$ block up
-front measured up to 1.6x slower on CPU), so a fixed-step ensemble runs at 0.9–1.25x the speed of
+front measured up to 1.6x slower on CPU), so a fixed-step ensemble takes 0.9–1.25x the time of
 a hand-written scan (``benchmarks/bench_limits.py``). Space-time(-time) Lévy areas, for ``ShARK``,
 ``SRA1``, ``SEA`` and the like, are drawn independently per sub-step ($H_i \sim N(0, \delta/12)$,
 $K_i \sim N(0, \delta/720)$), which is their exact joint law. [`SGDLimit.increments`][] returns
