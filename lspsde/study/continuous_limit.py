@@ -245,14 +245,25 @@ def _order_check(theorem: str, case: str, predicted: float, fit) -> Check:
     if not np.isfinite(fit.order):
         return Check(theorem, case, f"order {predicted:g}", "no fit", None, fit.note)
     lo, hi = fit.ci
+    measured = f"{fit.order:.2f} ± {fit.se:.2f} (CI [{lo:.2f}, {hi:.2f}])"
+    sep = "; " if fit.note else ""
+    if hi - lo > 1.0:  # an interval this wide cannot confirm or refute an order
+        return Check(
+            theorem,
+            case,
+            f"order {predicted:g}",
+            measured,
+            None,
+            fit.note + sep + "interval wider than 1: undecided (more paths or points)",
+        )
     return Check(
         theorem,
         case,
         f"order {predicted:g}",
-        f"{fit.order:.2f} ± {fit.se:.2f} (CI [{lo:.2f}, {hi:.2f}])",
+        measured,
         bool(lo - 0.1 <= predicted <= hi + 0.1),
-        fit.note + ("; " if fit.note else "") + "tolerance 0.1 beyond the CI (pre-asymptotic)",
-    )
+        fit.note + sep + "tolerance 0.1 beyond the CI (pre-asymptotic)",
+    )  # fmt: skip
 
 
 def checks(ds: xr.Dataset) -> list[Check]:

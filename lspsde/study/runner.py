@@ -162,6 +162,11 @@ def run_study(
     return StudyResult(tree, checks, out, files)
 
 
+def _cell(value) -> str:
+    """A Markdown table cell: ``|`` (as in ``|x|``) escaped so it does not split the row."""
+    return str(value).replace("|", "\\|")
+
+
 def _fmt_holds(h: bool | None) -> str:
     return "n/a" if h is None else ("yes" if h else "**NO**")
 
@@ -182,10 +187,8 @@ def _report(config: StudyConfig, sections) -> str:
             "|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(
-                f"| {r.theorem} | {r.case} | {r.predicted} | {r.measured} | "
-                f"{_fmt_holds(r.holds)} | {r.note} |"
-            )
+            cells = (r.theorem, r.case, r.predicted, r.measured, _fmt_holds(r.holds), r.note)
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
         lines += [f"![{f}]({f})" for f in figs]
         lines.append("")
