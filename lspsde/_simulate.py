@@ -185,6 +185,24 @@ def _sq_norm(tree: PyTree[Array]) -> Array:
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
 
 
+def guarded_step(system: LearningSystem, k_p: PRNGKeyArray, threshold: Array):
+    r"""``step((theta, div_step), t) -> (theta, div_step)``: one step of path ``k_p`` under the
+    divergence rule. A path whose new $\theta$ is not finite or has $\|\theta\| >$
+    ``threshold`` is frozen at its last admissible value, and ``div_step`` (``-1`` while alive)
+    records the first such step $t + 1$."""
+
+    def step(carry, t):
+        theta, div_step = carry
+        new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
+        # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
+        frozen = (div_step >= 0) | ~(jnp.sqrt(_sq_norm(new)) <= threshold)
+        theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
+        div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
+        return theta, div_step
+
+    return step
+
+
 def _path(
     system: LearningSystem,
     theta0: PyTree[Array],
@@ -203,15 +221,8 @@ def _path(
     """
     k_p = jax.random.fold_in(key, p)
     theta_star = system.objective.minimizer()
-
-    def step(carry, t):
-        theta, div_step = carry
-        new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
-        # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
-        frozen = (div_step >= 0) | ~(jnp.sqrt(_sq_norm(new)) <= threshold)
-        theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
-        div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
-        return (theta, div_step), None
+    guarded = guarded_step(system, k_p, threshold)
+    step = lambda carry, t: (guarded(carry, t), None)
 
     def advance(carry, start, length):
         return jax.lax.scan(step, carry, start + jnp.arange(length))[0]
@@ -292,6 +303,67 @@ def _check_key(key) -> None:
         raise TypeError(
             f"`key` must be a JAX PRNG key, got {key!r}; use `key=jax.random.key(seed)`."
         )
+
+
+def check_start(theta0: PyTree[ArrayLike], divergence_threshold: ScalarLike) -> PyTree[Array]:
+    """``theta0`` as arrays, checked (before anything compiles) to be floating point, finite,
+    inside the divergence threshold, and that threshold to be below overflow of $\\|\theta\\|^2$.
+    """
+    theta0 = jax.tree.map(jnp.asarray, theta0)
+    leaves = jax.tree.leaves(theta0)
+    if not leaves or not all(jnp.issubdtype(a.dtype, jnp.inexact) for a in leaves):
+        raise TypeError(
+            f"`theta0` must hold floating-point arrays, got {_describe(theta0)}; "
+            "e.g. `jnp.asarray(theta0, dtype=float)`."
+        )
+    largest = math.sqrt(float(jnp.finfo(jnp.result_type(*leaves)).max))
+    if not float(divergence_threshold) < largest:
+        raise ValueError(
+            f"`divergence_threshold`={float(divergence_threshold):g} is not below "
+            f"sqrt(max float) = {largest:.3g} for theta0's dtype: ||theta||^2 would overflow "
+            "before the threshold is reached. Use a smaller threshold (the default is 1e8)."
+        )
+    norm0 = float(jnp.sqrt(_sq_norm(theta0)))
+    if not norm0 <= divergence_threshold:
+        raise ValueError(
+            f"`theta0` has norm {norm0:.6g}, not finite or above `divergence_threshold`="
+            f"{float(divergence_threshold):g}: every path would diverge at step 0. Start from a "
+            "finite theta0 or raise the threshold."
+        )
+    return theta0
+
+
+def run_chunked(run, n_paths: int, chunk_size: int, progress: bool | None, desc: str):
+    r"""``run(ids)`` over all paths, ``chunk_size`` at a time, concatenated on the path axis.
+
+    ``ids`` are global path indices. A compiled chunk holds at least two paths per device:
+    XLA:CPU evaluates a one-row matrix product with a fused matrix-vector kernel that rounds
+    differently from the matrix-matrix one, which would break bit-for-bit equality across chunk
+    sizes; so every chunk is padded to a multiple of twice the device count (one program serves
+    all chunks) and the padding is discarded. With several devices the path axis is sharded over
+    a 1-D mesh. ``progress=None``: a tqdm bar only on a terminal and with several chunks.
+    """
+    chunk_size = min(chunk_size, n_paths)
+    devices = jax.local_devices()
+    width = 2 * len(devices)
+    padded = math.ceil(chunk_size / width) * width
+    sharding = None
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
+    n_chunks = math.ceil(n_paths / chunk_size)
+    if progress is None:
+        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
+    chunks = []
+    starts = range(0, n_paths, chunk_size)
+    for start in tqdm(starts, total=n_chunks, disable=not progress, desc=desc):
+        ids = jnp.arange(start, start + padded)  # global path indices; the tail is padding
+        if sharding is not None:
+            ids = jax.device_put(ids, sharding)
+        out = run(ids)
+        valid = min(chunk_size, n_paths - start)
+        chunks.append(jax.tree.map(lambda x: x[:valid], out) if valid < padded else out)
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks) if n_chunks > 1 else chunks[0]
 
 
 def _check_step(system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray) -> None:
@@ -398,27 +470,8 @@ def simulate(
         fix="It bounds ||theta||; use e.g. 1e8 (the default).",
     )
     _check_key(key)
-    theta0 = jax.tree.map(jnp.asarray, theta0)
-    if not all(jnp.issubdtype(a.dtype, jnp.inexact) for a in jax.tree.leaves(theta0)):
-        raise TypeError(
-            f"`theta0` must hold floating-point arrays, got {_describe(theta0)}; "
-            "e.g. `jnp.asarray(theta0, dtype=float)`."
-        )
+    theta0 = check_start(theta0, divergence_threshold)
     itemsize = max(a.dtype.itemsize for a in jax.tree.leaves(theta0))
-    largest = math.sqrt(float(jnp.finfo(jnp.result_type(*jax.tree.leaves(theta0))).max))
-    if not float(divergence_threshold) < largest:
-        raise ValueError(
-            f"`divergence_threshold`={float(divergence_threshold):g} is not below "
-            f"sqrt(max float) = {largest:.3g} for theta0's dtype: ||theta||^2 would overflow "
-            "before the threshold is reached. Use a smaller threshold (the default is 1e8)."
-        )
-    norm0 = float(jnp.sqrt(_sq_norm(theta0)))
-    if not norm0 <= divergence_threshold:
-        raise ValueError(
-            f"`theta0` has norm {norm0:.6g}, not finite or above `divergence_threshold`="
-            f"{divergence_threshold:g}: every path would diverge at step 0. Start from a finite "
-            "theta0 or raise the threshold."
-        )
     update.check(objective, noise, theta0)  # e.g. a continuous-time limit's solver and dt
     _check_step(system, theta0, key)
     check = getattr(noise, "check", None)  # the noise model's own checks (e.g. it needs theta*)
@@ -431,32 +484,11 @@ def simulate(
     if chunk_size is None:
         chunk_size = default_chunk_size(n_paths, n_params, len(steps), itemsize, keep_theta)
     chunk_size = min(chunk_size, n_paths)
-    devices = jax.local_devices()
-    # A compiled chunk holds at least two paths per device: XLA:CPU evaluates a one-row matrix
-    # product with a fused matrix-vector kernel that rounds differently from the matrix-matrix
-    # one, which would break bit-for-bit equality across chunk sizes. The padding is discarded.
-    width = 2 * len(devices)
-    padded = math.ceil(chunk_size / width) * width
-    sharding = None
-    if len(devices) > 1:
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
     threshold = jnp.asarray(divergence_threshold, dtype=float)
-    n_chunks = math.ceil(n_paths / chunk_size)
-    if progress is None:
-        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
-
-    chunks = []
-    for start in tqdm(
-        range(0, n_paths, chunk_size), total=n_chunks, disable=not progress, desc="simulate"
-    ):
-        ids = jnp.arange(start, start + padded)  # global path indices; the tail is padding
-        if sharding is not None:
-            ids = jax.device_put(ids, sharding)
-        out = _run_chunk(system, theta0, key, threshold, ids, n_steps, save_every, keep_theta)
-        valid = min(chunk_size, n_paths - start)
-        chunks.append(jax.tree.map(lambda x: x[:valid], out) if valid < padded else out)
-    out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks) if n_chunks > 1 else chunks[0]
+    run = lambda ids: _run_chunk(
+        system, theta0, key, threshold, ids, n_steps, save_every, keep_theta
+    )
+    out = run_chunked(run, n_paths, chunk_size, progress, "simulate")
 
     div_step = out["divergence_step"]
     return Ensemble(

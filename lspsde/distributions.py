@@ -44,8 +44,6 @@ $\{0, T\}$ (``save_every=n_steps``); choose a finer ``save_every`` for the sup f
 """
 
 import math
-import re
-import sys
 from typing import Any
 
 import equinox as eqx
@@ -53,10 +51,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 import numpy as np
-from tqdm.auto import tqdm
 
 from ._checks import check_positive, check_positive_int
 from ._custom_types import ScalarLike
+from ._simulate import (
+    _check_key,
+    _named_leaves,
+    _sq_norm,
+    check_start,
+    guarded_step,
+    run_chunked,
+)
 from .exponents import mean_log_norm, stability_exponents
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
@@ -319,19 +324,6 @@ class ExponentDistribution(eqx.Module):
         return arviz_base.dataset_to_dataframe(out, sample_dims=["summary"]).T
 
 
-def _named_leaves(tree: PyTree[Array], prefix: str) -> dict[str, np.ndarray]:
-    """``{prefix + sanitised key path: leaf}``, as ``Ensemble.to_datatree`` names them."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = re.sub(r"\W+", "_", prefix + jax.tree_util.keystr(path)).strip("_")
-        out[name] = np.asarray(leaf)
-    return out
-
-
-def _sq_norm(tree: PyTree[Array]) -> Array:
-    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
-
-
 def _trajectory(system, theta0, k_p, threshold, n_steps):
     r"""$\theta^0 \to \theta^T$ with ``simulate``'s divergence rule (freeze at the first step
     with $\|\theta^t\|$ not $\le$ threshold); energies $\|\theta^t - \theta^*\|^2$ per step."""
@@ -342,14 +334,11 @@ def _trajectory(system, theta0, k_p, threshold, n_steps):
             return jnp.zeros(())
         return _sq_norm(jax.tree.map(jnp.subtract, theta, theta_star))
 
+    guarded = guarded_step(system, k_p, threshold)
+
     def step(carry, t):
-        theta, div_step = carry
-        new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
-        # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
-        frozen = (div_step >= 0) | ~(jnp.sqrt(_sq_norm(new)) <= threshold)
-        theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
-        div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
-        return (theta, div_step), energy(theta)
+        carry = guarded(carry, t)
+        return carry, energy(carry[0])
 
     init = (theta0, jnp.full((), -1, dtype=int))
     (final, div_step), energies = jax.lax.scan(step, init, jnp.arange(n_steps))
@@ -459,21 +448,6 @@ def default_chunk_size(
     return math.ceil(n_paths / math.ceil(n_paths / largest))
 
 
-def _check_key(key: Any) -> None:
-    ok = isinstance(key, jax.Array) and (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.shape == (2,) and key.dtype == jnp.uint32)
-    )
-    if not ok:
-        raise TypeError(
-            f"`key` must be a JAX PRNG key, got {key!r}; use `key=jax.random.key(seed)`."
-        )
-
-
-def _describe(tree: PyTree) -> str:
-    return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree))
-
-
 def exponent_distribution(
     system: LearningSystem | tuple[AbstractObjective, AbstractParameterFlow, AbstractNoise],
     theta0: PyTree[ArrayLike],
@@ -562,26 +536,8 @@ def exponent_distribution(
         fix="It bounds ||theta||; use e.g. 1e8 (the default).",
     )
     _check_key(key)
-    theta0 = jax.tree.map(jnp.asarray, theta0)
+    theta0 = check_start(theta0, divergence_threshold)
     leaves = jax.tree.leaves(theta0)
-    if not leaves or not all(jnp.issubdtype(a.dtype, jnp.inexact) for a in leaves):
-        raise TypeError(
-            f"`theta0` must hold floating-point arrays, got {_describe(theta0)}; "
-            "e.g. `jnp.asarray(theta0, dtype=float)`."
-        )
-    largest = math.sqrt(float(jnp.finfo(jnp.result_type(*leaves)).max))
-    if not float(divergence_threshold) < largest:
-        raise ValueError(
-            f"`divergence_threshold`={float(divergence_threshold):g} is not below "
-            f"sqrt(max float) = {largest:.3g} for theta0's dtype; use a smaller threshold."
-        )
-    norm0 = float(jnp.sqrt(_sq_norm(theta0)))
-    if not norm0 <= divergence_threshold:
-        raise ValueError(
-            f"`theta0` has norm {norm0:.6g}, not finite or above `divergence_threshold`="
-            f"{float(divergence_threshold):g}: every path would diverge at step 0. Start from a "
-            "finite theta0 or raise the threshold."
-        )
     check_parameters(system, theta0)  # one update step, abstractly: shapes and dtypes
     check = getattr(system.noise, "check", None)
     if callable(check):
@@ -597,36 +553,13 @@ def exponent_distribution(
             n_paths, _size(theta0), n_noise, n_steps, max_steps, itemsize, method == "dense"
         )
     chunk_size = min(chunk_size, n_paths)
-    devices = jax.local_devices()
-    # At least two paths per device in a compiled chunk, as in `simulate` (XLA:CPU rounds a
-    # one-row product differently); the padding is discarded.
-    width = 2 * len(devices)
-    padded = math.ceil(chunk_size / width) * width
-    sharding = None
-    if len(devices) > 1:
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
     threshold = jnp.asarray(divergence_threshold, dtype=float)
     # The iteration controls are static: normalise them where unused, to share the program.
     norm = ("dense", 64, 1e-6) if method == "dense" else (method, int(max_steps), float(rtol))
-    n_chunks = math.ceil(n_paths / chunk_size)
-    if progress is None:
-        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
-
-    chunks = []
-    for start in tqdm(
-        range(0, n_paths, chunk_size),
-        total=n_chunks,
-        disable=not progress,
-        desc="exponent_distribution",
-    ):
-        ids = jnp.arange(start, start + padded)  # global path indices; the tail is padding
-        if sharding is not None:
-            ids = jax.device_put(ids, sharding)
-        out = _run_chunk(system, theta0, key, threshold, ids, n_steps, save_every, norm, keep_final)
-        valid = min(chunk_size, n_paths - start)
-        chunks.append(jax.tree.map(lambda x: x[:valid], out) if valid < padded else out)
-    out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks) if n_chunks > 1 else chunks[0]
+    run = lambda ids: _run_chunk(
+        system, theta0, key, threshold, ids, n_steps, save_every, norm, keep_final
+    )
+    out = run_chunked(run, n_paths, chunk_size, progress, "exponent_distribution")
 
     energy_exponent = out.get("energy_exponent")
     if energy_exponent is not None:
