@@ -682,7 +682,9 @@ def _lanczos(hvp, v0, k, rtol):
         vector_min=v_min,
         vector_max=v_max,
         n_steps=c["j"],
-        converged=c["done"],
+        # A non-finite operator (an overflowing Hessian) stops the loop with NaN Ritz values:
+        # never report that as converged.
+        converged=c["done"] & jnp.isfinite(lam_min) & jnp.isfinite(lam_max),
         residual_min=jnp.linalg.norm(hvp(v_min) - lam_min * v_min) / safe,
         residual_max=jnp.linalg.norm(hvp(v_max) - lam_max * v_max) / safe,
     )

@@ -561,3 +561,8 @@ def test_non_finite_jacobian_gives_nan_not_a_norm(method):
     r = linalg.jacobian_norm(f, jnp.ones(2), method=method)
     assert np.isnan(float(r.value)) and not bool(r.converged)
     assert np.isnan(float(linalg.dense_jacobian_norm(f, jnp.ones(2))))
+
+
+def test_non_finite_operator_gives_unconverged_nan_eigenvalues():
+    r = linalg.extreme_eigenvalues(lambda v: jnp.array([jnp.inf, 1.0]) * v, jnp.ones(2))
+    assert np.isnan(float(r.lambda_max)) and not bool(r.converged)
