@@ -100,14 +100,8 @@ class Ensemble(eqx.Module):
         return (d < 0) | (d > self.steps[None, :])
 
     def _mean(self, values: Float[Array, "path step"]) -> MeanEstimate:
-        alive = self.alive()
-        n = jnp.sum(alive, axis=0)
-        x = jnp.where(alive, values, 0.0)
-        mean = jnp.sum(x, axis=0) / jnp.where(n > 0, n, np.nan)
-        dev = jnp.where(alive, values - mean[None, :], 0.0)
-        var = jnp.sum(dev * dev, axis=0) / jnp.where(n > 1, n - 1, np.nan)
-        sem = jnp.sqrt(var / n)
-        return MeanEstimate(mean, sem, 1.0 - n / self.n_paths)
+        mean, sem = masked_mean(values, self.alive())
+        return MeanEstimate(mean, sem, 1.0 - jnp.sum(self.alive(), axis=0) / self.n_paths)
 
     def mean_energy(self) -> MeanEstimate:
         r"""$\mathbb{E}\|\theta^t - \theta^*\|^2$ over the paths alive at each saved step, its
@@ -170,6 +164,20 @@ class Ensemble(eqx.Module):
             coords={"step": np.asarray(self.steps)},
             attrs={"/": config},
         )
+
+
+def masked_mean(
+    values: Float[ArrayLike, "path step"], mask: Bool[ArrayLike, "path step"]
+) -> tuple[Float[Array, " step"], Float[Array, " step"]]:
+    r"""Mean over the paths where ``mask`` holds, per step, and its standard error
+    ``std(ddof=1) / sqrt(n)``; NaN where fewer than one (mean) or two (error) paths count.
+    Masked-out values never enter, so a NaN on a diverged path cannot poison the statistic."""
+    values, mask = jnp.asarray(values), jnp.asarray(mask)
+    n = jnp.sum(mask, axis=0)
+    mean = jnp.sum(jnp.where(mask, values, 0.0), axis=0) / jnp.where(n > 0, n, np.nan)
+    dev = jnp.where(mask, values - mean[None, :], 0.0)
+    var = jnp.sum(dev * dev, axis=0) / jnp.where(n > 1, n - 1, np.nan)
+    return mean, jnp.sqrt(var / n)
 
 
 def _named_leaves(tree: PyTree[Array], prefix: str) -> dict[str, np.ndarray]:

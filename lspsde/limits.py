@@ -60,7 +60,7 @@ import optimistix as optx
 
 from ._checks import _concrete, check_positive, check_positive_int
 from ._custom_types import ScalarLike
-from ._simulate import Ensemble
+from ._simulate import Ensemble, masked_mean
 from .noise import AbstractNoise, NoNoise
 from .objectives import AbstractObjective
 from .parameter import AbstractParameterFlow
@@ -834,16 +834,10 @@ def weak_error(
     if paired:
         if a.shape[0] != b.shape[0]:
             raise ValueError("paired=True needs the same n_paths in both ensembles.")
-        both = alive_a & alive_b
-        n = both.sum(axis=0)
-        d = np.where(both, a - b, 0.0)
-        mean = d.sum(axis=0) / np.maximum(n, 1)
-        var = (np.where(both, a - b - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n - 1, 1)
-        se = np.sqrt(var / np.maximum(n, 1))
+        mean, se = map(np.asarray, masked_mean(a - b, alive_a & alive_b))
     else:
-        ma, mb = discrete._mean(jnp.asarray(a)), limit._mean(jnp.asarray(b))
-        mean = np.asarray(ma.mean - mb.mean)
-        se = np.sqrt(np.asarray(ma.sem) ** 2 + np.asarray(mb.sem) ** 2)
+        (ma, sa), (mb, sb) = masked_mean(a, alive_a), masked_mean(b, alive_b)
+        mean, se = np.asarray(ma - mb), np.sqrt(np.asarray(sa) ** 2 + np.asarray(sb) ** 2)
     valid = alive_a.all(axis=0) & alive_b.all(axis=0)
     return ErrorCurve(np.asarray(discrete.steps), mean, se, valid)
 
@@ -860,13 +854,10 @@ def strong_error(discrete: Ensemble, limit: Ensemble) -> ErrorCurve:
     sq = sum(
         np.sum(leaf.reshape(*leaf.shape[:2], -1) ** 2, axis=-1) for leaf in jax.tree.leaves(diff)
     )
-    dist = np.sqrt(sq)
-    both = np.asarray(discrete.alive()) & np.asarray(limit.alive())
-    n = both.sum(axis=0)
-    mean = np.where(both, dist, 0.0).sum(axis=0) / np.maximum(n, 1)
-    var = (np.where(both, dist - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n - 1, 1)
-    valid = np.asarray(discrete.alive()).all(axis=0) & np.asarray(limit.alive()).all(axis=0)
-    return ErrorCurve(np.asarray(discrete.steps), mean, np.sqrt(var / np.maximum(n, 1)), valid)
+    alive_a, alive_b = np.asarray(discrete.alive()), np.asarray(limit.alive())
+    mean, se = map(np.asarray, masked_mean(np.sqrt(sq), alive_a & alive_b))
+    valid = alive_a.all(axis=0) & alive_b.all(axis=0)
+    return ErrorCurve(np.asarray(discrete.steps), mean, se, valid)
 
 
 class OrderFit(NamedTuple):
