@@ -6,7 +6,7 @@ its profile is taken over ``T = 2`` steps, saved at ``t = 0`` and ``t = T``::
 
     system = LearningSystem(SupervisedLoss(net, x, y), GradientDescent(0.1),
                             representation=net, probes=x[:8])
-    learning_profile(system, parameters(net), n_steps=2, save_every=2, method=...)
+    learning_profile(system, parameters(net), key=key, n_steps=2, save_every=2, method=...)
 
 Routes, at each parameter count P (all float32, the same dtype for every route):
 
@@ -157,6 +157,7 @@ def route_mf(system, theta0):
     prof = lspsde.learning_profile(
         system,
         theta0,
+        key=jax.random.key(0),
         n_steps=T,
         save_every=T,
         method="lanczos",
@@ -168,7 +169,9 @@ def route_mf(system, theta0):
 
 def route_dense(system, theta0):
     return _profile_dict(
-        lspsde.learning_profile(system, theta0, n_steps=T, save_every=T, method="dense")
+        lspsde.learning_profile(
+            system, theta0, key=jax.random.key(0), n_steps=T, save_every=T, method="dense"
+        )
     )
 
 

@@ -81,6 +81,7 @@ from .representation import (
     LayerSequence as LayerSequence,
     Residual as Residual,
 )
+from .sweep import Sweep as Sweep
 from .schedules import (
     AbstractSchedule as AbstractSchedule,
     Constant as Constant,

@@ -15,9 +15,6 @@ in the scan body, so shapes stay static), and ``diverged`` / ``divergence_step``
 Ensemble statistics ([`Ensemble.mean_energy`][]) use the paths alive at each saved step only.
 """
 
-import math
-import re
-import sys
 from typing import NamedTuple
 
 import equinox as eqx
@@ -25,21 +22,38 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 import numpy as np
-from tqdm.auto import tqdm
 
-from ._checks import check_positive, check_positive_int
 from ._custom_types import ScalarLike
+from ._ensemble import (
+    CHUNK_BUDGET_BYTES,
+    MemoryPlan,
+    check_key,
+    check_run,
+    check_start,
+    check_step,
+    guarded_step,
+    named_leaves,
+    run_ensemble,
+    saved_steps,
+    sq_norm,
+)
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
 from .parameter import AbstractParameterFlow
+from .sweep import Sweep
 from .system import LearningSystem
 
-__all__ = ["Ensemble", "MeanEstimate", "simulate"]
+__all__ = [
+    "CHUNK_BUDGET_BYTES",
+    "Ensemble",
+    "MeanEstimate",
+    "masked_mean",
+    "memory_plan",
+    "saved_steps",
+    "simulate",
+]
 
 SAVE_MODES = ("trajectory", "summary")
-
-# Default chunking: a chunk's estimated working set is kept under this many bytes.
-CHUNK_BUDGET_BYTES = 2**30
 # Parameter-sized buffers a step needs besides the outputs (theta, u, G, the candidate, the
 # frozen copy, RNG bits, ...): a deliberately generous count.
 _STEP_BUFFERS = 8
@@ -48,64 +62,72 @@ _STEP_BUFFERS = 8
 class MeanEstimate(NamedTuple):
     """A Monte Carlo mean over the paths alive at each saved step."""
 
-    mean: Float[Array, " step"]
+    mean: Float[Array, "*grid step"]
     """Mean over the paths that have not diverged by that step (NaN where none is left)."""
-    sem: Float[Array, " step"]
+    sem: Float[Array, "*grid step"]
     """Standard error of the mean, ``std(ddof=1) / sqrt(n_alive)`` (NaN where n_alive < 2)."""
-    diverged_fraction: Float[Array, " step"]
+    diverged_fraction: Float[Array, "*grid step"]
     """Fraction of all paths that have diverged by that step."""
 
 
 class Ensemble(eqx.Module):
     r"""The result of [`simulate`][lspsde.simulate.simulate]: ``n_paths`` paths of $\theta^t$.
 
-    Every array has the path axis first; "step" indexes the saved steps ``steps``
-    ($0, s, 2s, \dots$ and always ``n_steps``; $s$ = ``save_every``).
+    Every array has the path axis first, after the grid axis of a sweep (``*grid``: absent
+    without a [`Sweep`][lspsde.Sweep], one axis of length ``len(grid)`` with one); "step"
+    indexes the saved steps ``steps`` ($0, s, 2s, \dots$ and always ``n_steps``; $s$ =
+    ``save_every``).
 
     **Fields:**
 
-    - `theta`: $\theta^t$ at the saved steps, dims ``(path, step, ...)`` per leaf; ``None`` when
-      ``save="summary"``.
-    - `final_theta`: $\theta^T$, dims ``(path, ...)`` per leaf.
-    - `energy`: $\|\theta^t - \theta^*\|^2$ at the saved steps, ``(path, step)``; ``None`` when the
-      objective does not know $\theta^*$.
-    - `loss`: $\mathcal{L}(\theta^t)$ at the saved steps, ``(path, step)``.
-    - `diverged`: whether the path diverged, ``(path,)``.
+    - `theta`: $\theta^t$ at the saved steps, dims ``(*grid, path, step, ...)`` per leaf;
+      ``None`` when ``save="summary"``.
+    - `final_theta`: $\theta^T$, dims ``(*grid, path, ...)`` per leaf.
+    - `energy`: $\|\theta^t - \theta^*\|^2$ at the saved steps, ``(*grid, path, step)``;
+      ``None`` when the objective does not know $\theta^*$.
+    - `loss`: $\mathcal{L}(\theta^t)$ at the saved steps, ``(*grid, path, step)``.
+    - `diverged`: whether the path diverged, ``(*grid, path)``.
     - `divergence_step`: the first $t$ at which $\theta^t$ was not finite or exceeded the
-      threshold (the path holds $\theta^{t-1}$ from then on), ``-1`` if none, ``(path,)``.
+      threshold (the path holds $\theta^{t-1}$ from then on), ``-1`` if none.
     - `steps`: the saved steps, ``(step,)``.
+    - `grid`: the sweep's coordinate values, ``None`` without a sweep; `grid_name` its name.
     - static metadata: `n_steps`, `save_every`, `save`, `divergence_threshold`, `chunk_size`.
     """
 
-    theta: PyTree[Float[Array, "path step ..."]] | None
-    final_theta: PyTree[Float[Array, "path ..."]]
-    energy: Float[Array, "path step"] | None
-    loss: Float[Array, "path step"]
-    diverged: Bool[Array, " path"]
-    divergence_step: Int[Array, " path"]
+    theta: PyTree[Float[Array, "..."]] | None
+    final_theta: PyTree[Float[Array, "..."]]
+    energy: Float[Array, "*grid path step"] | None
+    loss: Float[Array, "*grid path step"]
+    diverged: Bool[Array, "*grid path"]
+    divergence_step: Int[Array, "*grid path"]
     steps: Int[Array, " step"]
+    grid: Array | None
     n_steps: int = eqx.field(static=True)
     save_every: int = eqx.field(static=True)
     save: str = eqx.field(static=True)
     divergence_threshold: float = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
+    grid_name: str | None = eqx.field(static=True, default=None)
 
     @property
     def n_paths(self) -> int:
-        return self.diverged.shape[0]
+        return self.diverged.shape[-1]
 
-    def alive(self) -> Bool[Array, "path step"]:
+    def alive(self) -> Bool[Array, "*grid path step"]:
         """Whether each path is still alive (not diverged) at each saved step."""
-        d = self.divergence_step[:, None]
-        return (d < 0) | (d > self.steps[None, :])
+        d = self.divergence_step[..., None]
+        steps = jnp.reshape(self.steps, (1,) * (d.ndim - 1) + (-1,))
+        return (d < 0) | (d > steps)
 
-    def _mean(self, values: Float[Array, "path step"]) -> MeanEstimate:
-        mean, sem = masked_mean(values, self.alive())
-        return MeanEstimate(mean, sem, 1.0 - jnp.sum(self.alive(), axis=0) / self.n_paths)
+    def _mean(self, values: Float[Array, "*grid path step"]) -> MeanEstimate:
+        alive = self.alive()
+        mean, sem = masked_mean(values, alive)
+        return MeanEstimate(mean, sem, 1.0 - jnp.sum(alive, axis=-2) / self.n_paths)
 
     def mean_energy(self) -> MeanEstimate:
         r"""$\mathbb{E}\|\theta^t - \theta^*\|^2$ over the paths alive at each saved step, its
-        standard error and the diverged fraction (frozen paths never enter the mean)."""
+        standard error and the diverged fraction (frozen paths never enter the mean); dims
+        ``(*grid, step)``."""
         if self.energy is None:
             raise ValueError(
                 "This ensemble has no `energy`: the objective does not know its minimiser "
@@ -121,31 +143,43 @@ class Ensemble(eqx.Module):
         r"""The ensemble as an ``xarray.DataTree`` (ArviZ 1.x conventions, sample dim ``path``).
 
         Groups: ``/trajectory`` (each leaf of $\theta$ as ``theta...``, dims
-        ``(path, step, <leaf>_dim_i)``; only with ``save="trajectory"``), ``/final`` ($\theta^T$
-        as ``final_theta...``), ``/energy``, ``/loss`` (dims ``(path, step)``) and ``/status``
-        (``diverged``, ``divergence_step``). ``step`` is labelled with the step numbers; the run's
-        configuration, updated with ``attrs``, is in the root's attributes.
+        ``(path, [grid,] step, <leaf>_dim_i)``; only with ``save="trajectory"``), ``/final``
+        ($\theta^T$ as ``final_theta...``), ``/energy``, ``/loss`` (dims ``(path, [grid,]
+        step)``) and ``/status`` (``diverged``, ``divergence_step``). A sweep's grid is the
+        dimension ``grid_name``, labelled with its values; ``step`` is labelled with the step
+        numbers; every variable has CF ``long_name`` and ``units``; the run's configuration,
+        updated with ``attrs``, is in the root's attributes.
         """
         import arviz_base
 
+        grid = [] if self.grid_name is None else [self.grid_name]
+        # ArviZ puts the sample dim first: (path, grid, ...).
+        first = (lambda v: np.moveaxis(v, 0, 1)) if grid else (lambda v: v)
         data: dict[str, dict[str, np.ndarray]] = {}
         dims: dict[str, list[str]] = {}
         if self.theta is not None:
-            data["trajectory"] = _named_leaves(self.theta, "theta")
+            data["trajectory"] = {k: first(v) for k, v in named_leaves(self.theta, "theta").items()}
             for name, v in data["trajectory"].items():
-                dims[name] = ["step", *(f"{name}_dim_{i}" for i in range(v.ndim - 2))]
-        data["final"] = _named_leaves(self.final_theta, "final_theta")
+                dims[name] = [
+                    *grid,
+                    "step",
+                    *(f"{name}_dim_{i}" for i in range(v.ndim - 2 - len(grid))),
+                ]
+        data["final"] = {
+            k: first(v) for k, v in named_leaves(self.final_theta, "final_theta").items()
+        }
         for name, v in data["final"].items():
             base = name.removeprefix("final_")
-            dims[name] = [f"{base}_dim_{i}" for i in range(v.ndim - 1)]
+            dims[name] = [*grid, *(f"{base}_dim_{i}" for i in range(v.ndim - 1 - len(grid)))]
         if self.energy is not None:
-            data["energy"] = {"energy": np.asarray(self.energy)}
-        data["loss"] = {"loss": np.asarray(self.loss)}
+            data["energy"] = {"energy": first(np.asarray(self.energy))}
+        data["loss"] = {"loss": first(np.asarray(self.loss))}
         data["status"] = {
-            "diverged": np.asarray(self.diverged),
-            "divergence_step": np.asarray(self.divergence_step),
+            "diverged": first(np.asarray(self.diverged)),
+            "divergence_step": first(np.asarray(self.divergence_step)),
         }
-        dims.update(energy=["step"], loss=["step"])
+        dims.update(energy=[*grid, "step"], loss=[*grid, "step"])
+        dims.update(diverged=grid, divergence_step=grid)
         config = {
             "n_paths": self.n_paths,
             "n_steps": self.n_steps,
@@ -157,71 +191,61 @@ class Ensemble(eqx.Module):
             "created_by": "lspsde.simulate",
             **(attrs or {}),
         }
-        return arviz_base.from_dict(
-            data,
-            sample_dims=["path"],
-            dims=dims,
-            coords={"step": np.asarray(self.steps)},
-            attrs={"/": config},
+        coords = {"step": np.asarray(self.steps)}
+        if grid:
+            coords[self.grid_name] = np.asarray(self.grid)
+        tree = arviz_base.from_dict(
+            data, sample_dims=["path"], dims=dims, coords=coords, attrs={"/": config}
         )
+        return add_cf_attrs(tree, _CF)
+
+
+_CF = {
+    "theta": ("parameters theta^t at the saved steps", "1"),
+    "final_theta": ("final parameters theta^T", "1"),
+    "energy": ("squared distance to the minimiser ||theta^t - theta*||^2", "1"),
+    "loss": ("objective L(theta^t)", "1"),
+    "diverged": ("whether the path diverged", "1"),
+    "divergence_step": (
+        "first step with theta not finite or beyond the threshold (-1: none)",
+        "step",
+    ),
+    "step": ("training step t", "step"),
+    "path": ("Monte Carlo path index", "1"),
+}
+
+
+def add_cf_attrs(tree, table: dict[str, tuple[str, str]]):
+    """Set CF ``long_name``/``units`` on every variable and coordinate of ``tree`` whose name
+    (or, for pytree leaves such as ``theta_w``, whose name's prefix) is in ``table``; others
+    get their own name as ``long_name`` and ``units = "1"``, so that nothing is left bare."""
+    for node in tree.subtree:
+        for name in list(node.ds.variables):
+            key = next(
+                (k for k in sorted(table, key=len, reverse=True) if str(name).startswith(k)), None
+            )
+            long_name, units = table.get(key, (str(name), "1"))
+            var = node[name] if name in node.data_vars else node.coords[name]
+            var.attrs.setdefault("long_name", long_name)
+            var.attrs.setdefault("units", units)
+    return tree
 
 
 def masked_mean(
-    values: Float[ArrayLike, "path step"], mask: Bool[ArrayLike, "path step"]
-) -> tuple[Float[Array, " step"], Float[Array, " step"]]:
-    r"""Mean over the paths where ``mask`` holds, per step, and its standard error
+    values: Float[ArrayLike, "*grid path step"], mask: Bool[ArrayLike, "*grid path step"]
+) -> tuple[Float[Array, "*grid step"], Float[Array, "*grid step"]]:
+    r"""Mean over the paths (axis ``-2``) where ``mask`` holds, per step, and its standard error
     ``std(ddof=1) / sqrt(n)``; NaN where fewer than one (mean) or two (error) paths count.
     Masked-out values never enter, so a NaN on a diverged path cannot poison the statistic."""
     values, mask = jnp.asarray(values), jnp.asarray(mask)
-    n = jnp.sum(mask, axis=0)
-    mean = jnp.sum(jnp.where(mask, values, 0.0), axis=0) / jnp.where(n > 0, n, np.nan)
-    dev = jnp.where(mask, values - mean[None, :], 0.0)
-    var = jnp.sum(dev * dev, axis=0) / jnp.where(n > 1, n - 1, np.nan)
+    n = jnp.sum(mask, axis=-2)
+    mean = jnp.sum(jnp.where(mask, values, 0.0), axis=-2) / jnp.where(n > 0, n, np.nan)
+    dev = jnp.where(mask, values - mean[..., None, :], 0.0)
+    var = jnp.sum(dev * dev, axis=-2) / jnp.where(n > 1, n - 1, np.nan)
     return mean, jnp.sqrt(var / n)
 
 
-def _named_leaves(tree: PyTree[Array], prefix: str) -> dict[str, np.ndarray]:
-    """``{prefix + sanitised key path: leaf}``: ``theta`` for a bare array, ``theta_w`` etc."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = re.sub(r"\W+", "_", prefix + jax.tree_util.keystr(path)).strip("_")
-        out[name] = np.asarray(leaf)
-    return out
-
-
-def _sq_norm(tree: PyTree[Array]) -> Array:
-    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
-
-
-def guarded_step(system: LearningSystem, k_p: PRNGKeyArray, threshold: Array):
-    r"""``step((theta, div_step), t) -> (theta, div_step)``: one step of path ``k_p`` under the
-    divergence rule. A path whose new $\theta$ is not finite or has $\|\theta\| >$
-    ``threshold`` is frozen at its last admissible value, and ``div_step`` (``-1`` while alive)
-    records the first such step $t + 1$."""
-
-    def step(carry, t):
-        theta, div_step = carry
-        new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
-        # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
-        frozen = (div_step >= 0) | ~(jnp.sqrt(_sq_norm(new)) <= threshold)
-        theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
-        div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
-        return theta, div_step
-
-    return step
-
-
-def _path(
-    system: LearningSystem,
-    theta0: PyTree[Array],
-    key: PRNGKeyArray,
-    threshold: Array,
-    p: Array,
-    *,
-    n_steps: int,
-    save_every: int,
-    keep_theta: bool,
-) -> dict:
+def _path(system, theta0, key, threshold, n_steps, save_every, keep_theta, p) -> dict:
     r"""One path: $\theta^0 \to \theta^T$ with divergence freezing, recorded every ``save_every``.
 
     A nested scan (outer over saved blocks, inner over the ``save_every`` steps of a block)
@@ -238,8 +262,7 @@ def _path(
     def record(theta):
         out = {"loss": system.objective.loss(theta)}
         if theta_star is not None:
-            diff = jax.tree.map(jnp.subtract, theta, theta_star)
-            out["energy"] = _sq_norm(diff)
+            out["energy"] = sq_norm(jax.tree.map(jnp.subtract, theta, theta_star))
         if keep_theta:
             out["theta"] = theta
         return out
@@ -261,152 +284,64 @@ def _path(
     return out
 
 
-@eqx.filter_jit
-def _run_chunk(system, theta0, key, threshold, ids, n_steps, save_every, keep_theta):
-    path = lambda p: _path(
-        system,
-        theta0,
-        key,
-        threshold,
-        p,
-        n_steps=n_steps,
-        save_every=save_every,
-        keep_theta=keep_theta,
+def memory_plan(
+    n_params: int, n_saved: int, itemsize: int, keep: bool, grid: int = 1
+) -> MemoryPlan:
+    r"""The memory of one path of ``simulate`` (times ``grid`` grid points).
+
+    Result: ``n_saved`` copies of $\theta$ with ``save="trajectory"``, energy and loss per saved
+    step, and $\theta^T$. Working set: the saved outputs counted twice (scan buffers and their
+    concatenation) and eight parameter-sized buffers for one step ($\theta$, $u$, $G$, the
+    candidate, RNG bits). Memory the objective needs internally (e.g. activations over a data
+    set) is not counted: pass ``chunk_size`` for such models.
+    """
+    result = itemsize * (n_saved * (n_params if keep else 0) + 2 * n_saved + n_params) + 16
+    work = itemsize * (2 * n_saved * (n_params if keep else 0) + 4 * n_saved)
+    work += itemsize * _STEP_BUFFERS * n_params
+    return MemoryPlan(
+        result_per_path=grid * result,
+        work_per_path=grid * work,
+        what="theta at every saved step" if keep else "energy, loss and final theta",
+        fixes=(
+            'Keep less: `save="summary"` (no trajectory), a larger `save_every`, fewer '
+            "paths or a smaller grid."
+            if keep
+            else "Simulate fewer paths, fewer saved steps (a larger `save_every`) or a smaller "
+            "grid."
+        ),
     )
-    return eqx.filter_vmap(path)(ids)
-
-
-def saved_steps(n_steps: int, save_every: int) -> np.ndarray:
-    """The saved steps $0, s, 2s, \\dots$ and ``n_steps`` (always included)."""
-    steps = list(range(0, n_steps + 1, save_every))
-    if steps[-1] != n_steps:
-        steps.append(n_steps)
-    return np.asarray(steps)
 
 
 def default_chunk_size(n_paths: int, n_params: int, n_saved: int, itemsize: int, keep: bool) -> int:
-    r"""The default chunk: all paths if their working set fits ``CHUNK_BUDGET_BYTES`` (1 GiB),
-    else the fewest (nearly) equal chunks that each fit (one path per chunk at the least).
-
-    A path's working set is estimated as
-    ``itemsize * (2 * n_saved * (n_params if keep else 0) + 4 * n_saved + 8 * n_params)``:
-    the saved outputs (counted twice: scan buffers and their concatenation; energy and loss),
-    and eight parameter-sized buffers for one step ($\theta$, $u$, $G$, the candidate, RNG bits).
-    Memory the objective needs internally (e.g. activations over a data set) is not counted:
-    pass ``chunk_size`` for such models.
-    """
-    per_path = itemsize * (
-        2 * n_saved * (n_params if keep else 0) + 4 * n_saved + _STEP_BUFFERS * n_params
-    )
-    largest = max(1, CHUNK_BUDGET_BYTES // per_path)
-    return math.ceil(n_paths / math.ceil(n_paths / largest))  # balanced: no chunk > largest
+    r"""The default chunk of ``simulate``: all paths if their working set
+    ([`memory_plan`][]) fits ``CHUNK_BUDGET_BYTES`` (1 GiB), else the fewest (nearly) equal
+    chunks that each fit (one path per chunk at the least)."""
+    return memory_plan(n_params, n_saved, itemsize, keep).chunk_size(n_paths)
 
 
-def _check_key(key) -> None:
-    ok = isinstance(key, jax.Array) and (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.shape == (2,) and key.dtype == jnp.uint32)
-    )
-    if not ok:
-        raise TypeError(
-            f"`key` must be a JAX PRNG key, got {key!r}; use `key=jax.random.key(seed)`."
-        )
-
-
-def check_start(theta0: PyTree[ArrayLike], divergence_threshold: ScalarLike) -> PyTree[Array]:
-    """``theta0`` as arrays, checked (before anything compiles) to be floating point, finite,
-    inside the divergence threshold, and that threshold to be below overflow of $\\|\theta\\|^2$.
-    """
-    theta0 = jax.tree.map(jnp.asarray, theta0)
-    leaves = jax.tree.leaves(theta0)
-    if not leaves or not all(jnp.issubdtype(a.dtype, jnp.inexact) for a in leaves):
-        raise TypeError(
-            f"`theta0` must hold floating-point arrays, got {_describe(theta0)}; "
-            "e.g. `jnp.asarray(theta0, dtype=float)`."
-        )
-    largest = math.sqrt(float(jnp.finfo(jnp.result_type(*leaves)).max))
-    if not float(divergence_threshold) < largest:
+def _split_sweep(update, noise) -> tuple:
+    """``(update, noise, (field, batched module) | None, sweep | None)``; at most one sweep,
+    and the system holds grid point 0 for the checks."""
+    sweeps = {f: m for f, m in (("update", update), ("noise", noise)) if isinstance(m, Sweep)}
+    if len(sweeps) > 1:
         raise ValueError(
-            f"`divergence_threshold`={float(divergence_threshold):g} is not below "
-            f"sqrt(max float) = {largest:.3g} for theta0's dtype: ||theta||^2 would overflow "
-            "before the threshold is reached. Use a smaller threshold (the default is 1e8)."
+            "Sweep either the update or the noise model, not both: a grid over two factors is "
+            "a product; build it with `itertools.product` as one Sweep of one of them, or run "
+            "one sweep per value of the other."
         )
-    norm0 = float(jnp.sqrt(_sq_norm(theta0)))
-    if not norm0 <= divergence_threshold:
-        raise ValueError(
-            f"`theta0` has norm {norm0:.6g}, not finite or above `divergence_threshold`="
-            f"{float(divergence_threshold):g}: every path would diverge at step 0. Start from a "
-            "finite theta0 or raise the threshold."
-        )
-    return theta0
-
-
-def run_chunked(run, n_paths: int, chunk_size: int, progress: bool | None, desc: str):
-    r"""``run(ids)`` over all paths, ``chunk_size`` at a time, concatenated on the path axis.
-
-    ``ids`` are global path indices. A compiled chunk holds at least two paths per device:
-    XLA:CPU evaluates a one-row matrix product with a fused matrix-vector kernel that rounds
-    differently from the matrix-matrix one, which would break bit-for-bit equality across chunk
-    sizes; so every chunk is padded to a multiple of twice the device count (one program serves
-    all chunks) and the padding is discarded. With several devices the path axis is sharded over
-    a 1-D mesh. ``progress=None``: a tqdm bar only on a terminal and with several chunks.
-    """
-    chunk_size = min(chunk_size, n_paths)
-    devices = jax.local_devices()
-    width = 2 * len(devices)
-    padded = math.ceil(chunk_size / width) * width
-    sharding = None
-    if len(devices) > 1:
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
-    n_chunks = math.ceil(n_paths / chunk_size)
-    if progress is None:
-        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
-    chunks = []
-    starts = range(0, n_paths, chunk_size)
-    for start in tqdm(starts, total=n_chunks, disable=not progress, desc=desc):
-        ids = jnp.arange(start, start + padded)  # global path indices; the tail is padding
-        if sharding is not None:
-            ids = jax.device_put(ids, sharding)
-        out = run(ids)
-        valid = min(chunk_size, n_paths - start)
-        chunks.append(jax.tree.map(lambda x: x[:valid], out) if valid < padded else out)
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks) if n_chunks > 1 else chunks[0]
-
-
-def _check_step(system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray) -> None:
-    """One step, abstractly (``eval_shape``: traced, not compiled), must keep ``theta0``'s shape."""
-    fix = (
-        "give `theta0` the structure, shapes and dtype the objective expects (for a network: "
-        "`lspsde.parameters(network)`; for a d-dimensional quadratic: shape (d,))."
-    )
-    one_step = lambda s, th, k: s.parameter_map(0, th, s.noise_at(k, 0, th))
-    try:
-        out = eqx.filter_eval_shape(one_step, system, theta0, key)
-    except Exception as err:
-        raise ValueError(
-            f"One update step (noise.sample, noise.gradient, update) fails at `theta0` "
-            f"{_describe(theta0)}: {err}\nIf `theta0` is at fault, {fix}"
-        ) from err
-    want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), theta0)
-    if jax.tree.structure(out) != jax.tree.structure(want) or any(
-        (a.shape, a.dtype) != (b.shape, b.dtype)
-        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True)
-    ):
-        raise ValueError(
-            f"One update step maps `theta0` {_describe(theta0)} to {_describe(out)}; "
-            f"the scan needs them equal: {fix}"
-        )
-
-
-def _describe(tree: PyTree) -> str:
-    return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree))
+    if not sweeps:
+        return update, noise, None, None
+    ((field, sweep),) = sweeps.items()
+    batched = (field, sweep.module, sweep.batch_size)
+    if field == "update":
+        return sweep.at(0), noise, batched, sweep
+    return update, sweep.at(0), batched, sweep
 
 
 def simulate(
     objective: AbstractObjective,
-    update: AbstractParameterFlow,
-    noise: AbstractNoise,
+    update: AbstractParameterFlow | Sweep,
+    noise: AbstractNoise | Sweep,
     theta0: PyTree[ArrayLike],
     *,
     key: PRNGKeyArray,
@@ -431,7 +366,10 @@ def simulate(
 
     - `objective`, `update`, `noise`: the learning system ($\mathcal{L}$, the update rule
       $\mathcal{A}_t$, the noise model). Their array fields (step sizes, noise levels) are traced:
-      calling again with other values reuses the compiled program.
+      calling again with other values reuses the compiled program. Either `update` or `noise`
+      may be a [`Sweep`][lspsde.Sweep]: the grid runs as one compiled program (one more
+      ``vmap``), every array of the result gains a leading grid axis, and path $p$ draws the
+      same noise at every grid point (common random numbers).
     - `theta0`: $\theta^0$, a pytree of inexact arrays, shared by all paths.
     - `key`: a JAX PRNG key.
     - `n_paths`, `n_steps`: the ensemble size and the horizon $T$.
@@ -451,53 +389,59 @@ def simulate(
     With several local devices the path axis of each chunk is sharded over a 1-D mesh of them
     (the chunk is padded to a multiple of the device count).
 
+    **Memory.** The result size and the working set of the smallest chunk are computed from
+    shapes before anything is traced ([`memory_plan`][]); a request that cannot fit in the
+    device's memory (the host's on CPU) raises ``MemoryError`` at once, with the size and the
+    fix (``save="summary"``, a larger ``save_every``, fewer paths).
+
+    **Inside ``jax.jit``/``jax.vmap``.** ``simulate`` may be traced (e.g.
+    ``jax.vmap(lambda eta: simulate(obj, SGD(eta), ...))``): checks of traced values are then
+    skipped (a bad traced value shows up as diverged paths), every other check still runs.
+    A [`Sweep`][lspsde.Sweep] is the documented way to run a grid.
+
     **Returns:** an [`Ensemble`][lspsde.simulate.Ensemble].
 
-    **Raises:** ``TypeError``/``ValueError`` before anything is compiled for: wrong object
+    **Raises:** ``MemoryError`` for a result that cannot fit (above);
+    ``TypeError``/``ValueError`` before anything is compiled for: wrong object
     types, non-positive or non-integer counts, ``save_every > n_steps``, an unknown ``save``,
     ``divergence_threshold <= 0``, a ``theta0`` that one update step does not map to its own
     shape and dtype (checked with ``eval_shape``), a non-finite ``theta0`` or one beyond the
     threshold, or a noise model whose ``check(objective, theta0)`` fails.
     """
+    update, noise, batched, sweep = _split_sweep(update, noise)
     system = LearningSystem(objective, update, noise)  # checks the three types
-    n_paths = check_positive_int("n_paths", n_paths, fix="Simulate at least one path.")
-    n_steps = check_positive_int("n_steps", n_steps, fix="Simulate at least one step.")
-    save_every = check_positive_int("save_every", save_every)
-    if save_every > n_steps:
-        raise ValueError(
-            f"`save_every`={save_every} exceeds `n_steps`={n_steps}; use save_every <= n_steps "
-            "(the last step is always saved)."
-        )
-    if chunk_size is not None:
-        chunk_size = check_positive_int("chunk_size", chunk_size, fix="Or pass None (automatic).")
+    run = check_run(
+        n_paths=n_paths,
+        n_steps=n_steps,
+        save_every=save_every,
+        chunk_size=chunk_size,
+        divergence_threshold=divergence_threshold,
+    )
     if save not in SAVE_MODES:
         raise ValueError(f"Unknown `save`={save!r}; choose one of {SAVE_MODES}.")
-    check_positive(
-        "divergence_threshold",
-        divergence_threshold,
-        fix="It bounds ||theta||; use e.g. 1e8 (the default).",
-    )
-    _check_key(key)
-    theta0 = check_start(theta0, divergence_threshold)
-    itemsize = max(a.dtype.itemsize for a in jax.tree.leaves(theta0))
-    update.check(objective, noise, theta0)  # e.g. a continuous-time limit's solver and dt
-    _check_step(system, theta0, key)
-    check = getattr(noise, "check", None)  # the noise model's own checks (e.g. it needs theta*)
-    if callable(check):
-        check(objective, theta0)
-
-    keep_theta = save == "trajectory"
-    steps = saved_steps(n_steps, save_every)
+    check_key(key)
+    theta0 = check_start(theta0, run.divergence_threshold)
+    itemsize = max(jnp.result_type(a).itemsize for a in jax.tree.leaves(theta0))
     n_params = sum(a.size for a in jax.tree.leaves(theta0))
-    if chunk_size is None:
-        chunk_size = default_chunk_size(n_paths, n_params, len(steps), itemsize, keep_theta)
-    chunk_size = min(chunk_size, n_paths)
-    threshold = jnp.asarray(divergence_threshold, dtype=float)
-    run = lambda ids: _run_chunk(
-        system, theta0, key, threshold, ids, n_steps, save_every, keep_theta
+    keep_theta = save == "trajectory"
+    plan = memory_plan(
+        n_params, len(run.steps), itemsize, keep_theta, 1 if sweep is None else sweep.size
     )
-    out = run_chunked(run, n_paths, chunk_size, progress, "simulate")
-
+    plan.check(run.n_paths)  # from shapes alone: refused before anything is traced
+    check_step(system, theta0, key)
+    chunk = run.chunk_size or plan.chunk_size(run.n_paths)
+    chunk = min(chunk, run.n_paths)
+    threshold = jnp.asarray(run.divergence_threshold, dtype=float)
+    out = run_ensemble(
+        _path,
+        system,
+        (theta0, key, threshold, run.n_steps, run.save_every, keep_theta),
+        n_paths=run.n_paths,
+        chunk_size=chunk,
+        sweep=batched,
+        progress=progress,
+        desc="simulate",
+    )
     div_step = out["divergence_step"]
     return Ensemble(
         theta=out.get("theta"),
@@ -506,10 +450,12 @@ def simulate(
         loss=out["loss"],
         diverged=div_step >= 0,
         divergence_step=div_step,
-        steps=jnp.asarray(steps),
-        n_steps=n_steps,
-        save_every=save_every,
+        steps=jnp.asarray(run.steps),
+        grid=None if sweep is None else sweep.values,
+        n_steps=run.n_steps,
+        save_every=run.save_every,
         save=save,
-        divergence_threshold=float(divergence_threshold),
-        chunk_size=chunk_size,
+        divergence_threshold=run.divergence_threshold,
+        chunk_size=chunk,
+        grid_name=None if sweep is None else sweep.name,
     )

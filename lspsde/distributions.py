@@ -52,27 +52,27 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 import numpy as np
 
-from ._checks import check_positive, check_positive_int
 from ._custom_types import ScalarLike
-from ._simulate import (
-    _check_key,
-    _named_leaves,
-    _sq_norm,
+from ._ensemble import (
+    CHUNK_BUDGET_BYTES,
+    MemoryPlan,
+    check_key,
+    check_run,
     check_start,
+    check_step,
     guarded_step,
-    run_chunked,
+    named_leaves,
+    run_ensemble,
+    sq_norm,
 )
 from .exponents import mean_log_norm, stability_exponents
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
 from .parameter import AbstractParameterFlow
-from .profile import NormOptions, check_parameters, learning_profile
+from .profile import NormOptions, learning_profile
 from .system import LearningSystem
 
 __all__ = ["EXPONENT_NAMES", "ExponentDistribution", "exponent_distribution"]
-
-# Default chunking: a chunk's estimated working set is kept under this many bytes.
-CHUNK_BUDGET_BYTES = 2**30
 
 EXPONENT_NAMES = (
     "alpha_theta",
@@ -87,7 +87,16 @@ EXPONENT_NAMES = (
 )
 """The per-path variables summarised by [`ExponentDistribution.summary`][] (those present)."""
 
-_PROFILE_NAMES = ("sigma_theta", "sigma_u", "cum_theta", "cum_u", "loss", "energy")
+_PROFILE_NAMES = (
+    "sigma_theta",
+    "sigma_u",
+    "cum_theta",
+    "cum_u",
+    "log_cum_theta",
+    "log_cum_u",
+    "loss",
+    "energy",
+)
 _DEPTH_NAMES = ("sigma_x", "cum_x")
 
 
@@ -115,7 +124,8 @@ class ExponentDistribution(eqx.Module):
 
     **Profile blocks** (dims ``(path, step)``, depth blocks ``(path, step, layer)``): the fields
     of [`StabilityProfile`][lspsde.profile.StabilityProfile] (`sigma_theta`, `sigma_u`,
-    `cum_theta`, `cum_u`, `loss`, `sigma_x`, `cum_x`) and `energy`
+    `cum_theta`, `cum_u`, their log-domain `log_cum_theta`, `log_cum_u` (right beyond the
+    float range, where ``cum_*`` are ``inf`` or 0), `loss`, `sigma_x`, `cum_x`) and `energy`
     $\|\theta^t - \theta^*\|^2$ (``None`` without $\theta^*$).
 
     **Status:** `final_theta` ($\theta^T$ as ``simulate`` returns it, frozen at divergence;
@@ -138,6 +148,8 @@ class ExponentDistribution(eqx.Module):
     sigma_u: Float[Array, "path step"] | None
     cum_theta: Float[Array, "path step"]
     cum_u: Float[Array, "path step"] | None
+    log_cum_theta: Float[Array, "path step"]
+    log_cum_u: Float[Array, "path step"] | None
     loss: Float[Array, "path step"]
     energy: Float[Array, "path step"] | None
     sigma_x: Float[Array, "path step layer"] | None
@@ -203,7 +215,7 @@ class ExponentDistribution(eqx.Module):
                 data["profile"][name] = np.asarray(value)
                 dims[name] = ["step"] if name in _PROFILE_NAMES else ["step", "layer"]
         if self.final_theta is not None:
-            data["final"] = _named_leaves(self.final_theta, "final_theta")
+            data["final"] = named_leaves(self.final_theta, "final_theta")
             for name, v in data["final"].items():
                 base = name.removeprefix("final_")
                 dims[name] = [f"{base}_dim_{i}" for i in range(v.ndim - 1)]
@@ -332,7 +344,7 @@ def _trajectory(system, theta0, k_p, threshold, n_steps):
     def energy(theta):
         if theta_star is None:
             return jnp.zeros(())
-        return _sq_norm(jax.tree.map(jnp.subtract, theta, theta_star))
+        return sq_norm(jax.tree.map(jnp.subtract, theta, theta_star))
 
     guarded = guarded_step(system, k_p, threshold)
 
@@ -345,13 +357,13 @@ def _trajectory(system, theta0, k_p, threshold, n_steps):
     return final, div_step, jnp.concatenate([energy(theta0)[None], energies])
 
 
-def _one_path(system, theta0, key, threshold, p, *, n_steps, save_every, norm, keep_final):
+def _one_path(system, theta0, key, threshold, n_steps, save_every, norm, keep_final, p):
     k_p = jax.random.fold_in(key, p)
     method, max_steps, rtol = norm
     profile = learning_profile(
         system,
         theta0,
-        n_steps,
+        n_steps=n_steps,
         key=k_p,
         save_every=save_every,
         method=method,
@@ -366,15 +378,22 @@ def _one_path(system, theta0, key, threshold, p, *, n_steps, save_every, norm, k
         "sigma_u": profile.sigma_u,
         "cum_theta": profile.cum_theta,
         "cum_u": profile.cum_u,
+        "log_cum_theta": profile.log_cum_theta,
+        "log_cum_u": profile.log_cum_u,
         "loss": profile.loss,
         "sigma_x": profile.sigma_x,
         "cum_x": profile.cum_x,
     }
     blocks = {k: v for k, v in blocks.items() if v is not None}
-    # First saved step at which some block is not finite (for the divergence step).
+    # First saved step at which some block could not be computed (for the divergence step):
+    # a one-step block not finite, or a log-domain cumulative block NaN (its -inf at t = 0, and
+    # exp(log) beyond the float range, are values, not failures).
     bad = jnp.zeros(steps.shape, dtype=bool)
-    for v in blocks.values():
-        bad = bad | ~jnp.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+    for name, v in blocks.items():
+        if name in ("cum_theta", "cum_u"):
+            continue
+        ok = ~jnp.isnan(v) if name.startswith("log_") else jnp.isfinite(v)
+        bad = bad | ~ok.reshape(v.shape[0], -1).all(axis=1)
     first_bad = jnp.where(bad.any(), steps[jnp.argmax(bad)], -1)
     div_step = jnp.where(div_step >= 0, div_step, first_bad)
     out = dict(blocks)
@@ -398,24 +417,42 @@ def _one_path(system, theta0, key, threshold, p, *, n_steps, save_every, norm, k
     return out
 
 
-@eqx.filter_jit
-def _run_chunk(system, theta0, key, threshold, ids, n_steps, save_every, norm, keep_final):
-    path = lambda p: _one_path(
-        system,
-        theta0,
-        key,
-        threshold,
-        p,
-        n_steps=n_steps,
-        save_every=save_every,
-        norm=norm,
-        keep_final=keep_final,
-    )
-    return eqx.filter_vmap(path)(ids)
-
-
 def _size(tree: PyTree) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
+
+
+def memory_plan(
+    n_params: int,
+    n_noise: int,
+    n_steps: int,
+    n_saved: int,
+    max_steps: int,
+    itemsize: int,
+    dense: bool,
+) -> MemoryPlan:
+    r"""The memory of one path of [`exponent_distribution`][].
+
+    With $d$ parameters, $m$ noise entries per step, horizon $T$ and $k$ = ``max_steps``
+    (clipped to the dimension), a path's profile holds the trajectory and the draws
+    ($\approx 4(T+1)d + 2Tm$ numbers, with the linearisation residuals), and the Lanczos bases of
+    the cumulative blocks, $2k(2d + Tm + d)$; ``method="dense"`` materialises the $d \times
+    (d + Tm)$ Jacobians instead. Memory the objective or a representation needs internally
+    (activations over a data set, probes) is not counted: pass ``chunk_size`` for such models.
+    The result holds eight numbers per saved step and $\theta^T$.
+    """
+    tm = n_steps * n_noise
+    per_path = 4 * (n_steps + 1) * n_params + 2 * tm + 16 * n_params
+    if dense:
+        per_path += 2 * n_params * (n_params + tm)
+    else:
+        per_path += 2 * min(max_steps, n_params) * 2 * n_params
+        per_path += 2 * min(max_steps, max(tm, 1)) * (tm + n_params)
+    return MemoryPlan(
+        result_per_path=itemsize * (8 * n_saved + n_params + 16),
+        work_per_path=itemsize * per_path,
+        what="profile blocks at every saved step and the final theta",
+        fixes="Use fewer paths, a shorter horizon, or `keep_final=False`.",
+    )
 
 
 def default_chunk_size(
@@ -427,25 +464,10 @@ def default_chunk_size(
     itemsize: int,
     dense: bool,
 ) -> int:
-    r"""The default chunk: all paths if their estimated working set fits
-    ``CHUNK_BUDGET_BYTES`` (1 GiB), else the fewest (nearly) equal chunks that each fit.
-
-    With $d$ parameters, $m$ noise entries per step, horizon $T$ and $k$ = ``max_steps``
-    (clipped to the dimension), a path's profile holds the trajectory and the draws
-    ($\approx 4(T+1)d + 2Tm$ numbers, with the linearisation residuals), and the Lanczos bases of
-    the cumulative blocks, $2k(2d + Tm + d)$; ``method="dense"`` materialises the $d \times
-    (d + Tm)$ Jacobians instead. Memory the objective or a representation needs internally
-    (activations over a data set, probes) is not counted: pass ``chunk_size`` for such models.
-    """
-    tm = n_steps * n_noise
-    per_path = 4 * (n_steps + 1) * n_params + 2 * tm + 16 * n_params
-    if dense:
-        per_path += 2 * n_params * (n_params + tm)
-    else:
-        per_path += 2 * min(max_steps, n_params) * 2 * n_params
-        per_path += 2 * min(max_steps, max(tm, 1)) * (tm + n_params)
-    largest = max(1, CHUNK_BUDGET_BYTES // (itemsize * per_path))
-    return math.ceil(n_paths / math.ceil(n_paths / largest))
+    r"""The default chunk: all paths if their estimated working set ([`memory_plan`][]) fits
+    ``CHUNK_BUDGET_BYTES`` (1 GiB), else the fewest (nearly) equal chunks that each fit."""
+    plan = memory_plan(n_params, n_noise, n_steps, 2, max_steps, itemsize, dense)
+    return plan.chunk_size(n_paths, CHUNK_BUDGET_BYTES)
 
 
 def exponent_distribution(
@@ -519,52 +541,45 @@ def exponent_distribution(
             "`system` must be a LearningSystem or a tuple (objective, update, noise), got "
             f"{type(system).__name__}."
         )
-    n_paths = check_positive_int("n_paths", n_paths, fix="Use at least one path.")
-    n_steps = check_positive_int("n_steps", n_steps, fix="Train for at least one step.")
-    save_every = check_positive_int("save_every", save_every)
-    if save_every > n_steps:
-        raise ValueError(
-            f"`save_every`={save_every} exceeds `n_steps`={n_steps}; use save_every <= n_steps "
-            "(the last step is always saved)."
-        )
-    if chunk_size is not None:
-        chunk_size = check_positive_int("chunk_size", chunk_size, fix="Or pass None (automatic).")
-    NormOptions(method, max_steps, rtol)  # checks the three norm options
-    check_positive(
-        "divergence_threshold",
-        divergence_threshold,
-        fix="It bounds ||theta||; use e.g. 1e8 (the default).",
+    run = check_run(
+        n_paths=n_paths,
+        n_steps=n_steps,
+        save_every=save_every,
+        chunk_size=chunk_size,
+        divergence_threshold=divergence_threshold,
     )
-    _check_key(key)
-    theta0 = check_start(theta0, divergence_threshold)
-    leaves = jax.tree.leaves(theta0)
-    check_parameters(system, theta0)  # one update step, abstractly: shapes and dtypes
-    check = getattr(system.noise, "check", None)
-    if callable(check):
-        check(system.objective, theta0)
-
+    n_paths, n_steps, save_every = run.n_paths, run.n_steps, run.save_every
+    NormOptions(method, max_steps, rtol)  # checks the three norm options
+    check_key(key)
+    theta0 = check_start(theta0, run.divergence_threshold)
     u_shape = jax.eval_shape(lambda th: system.noise_at(jax.random.key(0), 0, th), theta0)
     n_noise = sum(
         math.prod(a.shape) for a in jax.tree.leaves(u_shape) if jnp.issubdtype(a.dtype, jnp.inexact)
     )
-    itemsize = max(a.dtype.itemsize for a in leaves)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(
-            n_paths, _size(theta0), n_noise, n_steps, max_steps, itemsize, method == "dense"
-        )
-    chunk_size = min(chunk_size, n_paths)
-    threshold = jnp.asarray(divergence_threshold, dtype=float)
+    itemsize = max(jnp.result_type(a).itemsize for a in jax.tree.leaves(theta0))
+    plan = memory_plan(
+        _size(theta0), n_noise, n_steps, len(run.steps), max_steps, itemsize, method == "dense"
+    )
+    plan.check(n_paths)
+    check_step(system, theta0, key)  # one update step, abstractly, and the noise model's checks
+    chunk_size = min(run.chunk_size or plan.chunk_size(n_paths), n_paths)
+    threshold = jnp.asarray(run.divergence_threshold, dtype=float)
     # The iteration controls are static: normalise them where unused, to share the program.
     norm = ("dense", 64, 1e-6) if method == "dense" else (method, int(max_steps), float(rtol))
-    run = lambda ids: _run_chunk(
-        system, theta0, key, threshold, ids, n_steps, save_every, norm, keep_final
+    out = run_ensemble(
+        _one_path,
+        system,
+        (theta0, key, threshold, n_steps, save_every, norm, keep_final),
+        n_paths=n_paths,
+        chunk_size=chunk_size,
+        progress=progress,
+        desc="exponent_distribution",
     )
-    out = run_chunked(run, n_paths, chunk_size, progress, "exponent_distribution")
 
     energy_exponent = out.get("energy_exponent")
     if energy_exponent is not None:
         star = system.objective.minimizer()
-        e0 = float(_sq_norm(jax.tree.map(jnp.subtract, theta0, star)))
+        e0 = float(sq_norm(jax.tree.map(jnp.subtract, theta0, star)))
         if e0 == 0.0:
             energy_exponent = None  # theta0 = theta*: the ratio ||e_T|| / ||e_0|| is undefined
     div_step = out["divergence_step"]
@@ -582,6 +597,8 @@ def exponent_distribution(
         sigma_u=out.get("sigma_u"),
         cum_theta=out["cum_theta"],
         cum_u=out.get("cum_u"),
+        log_cum_theta=out["log_cum_theta"],
+        log_cum_u=out.get("log_cum_u"),
         loss=out["loss"],
         energy=out.get("energy"),
         sigma_x=out.get("sigma_x"),
@@ -590,17 +607,10 @@ def exponent_distribution(
         diverged=div_step >= 0,
         divergence_step=div_step,
         converged=out["converged"],
-        steps=jnp.asarray(_saved(n_steps, save_every)),
+        steps=jnp.asarray(run.steps),
         n_steps=n_steps,
         save_every=save_every,
-        divergence_threshold=float(divergence_threshold),
+        divergence_threshold=run.divergence_threshold,
         chunk_size=chunk_size,
         method=method,
     )
-
-
-def _saved(n_steps: int, save_every: int) -> np.ndarray:
-    steps = list(range(0, n_steps + 1, save_every))
-    if steps[-1] != n_steps:
-        steps.append(n_steps)
-    return np.asarray(steps)

@@ -67,7 +67,11 @@ class StabilityExponents(eqx.Module):
 
 
 def stability_exponents(profile: StabilityProfile) -> StabilityExponents:
-    """Finite-horizon exponents from a profile (see the module docstring for the two kinds)."""
+    """Finite-horizon exponents from a profile (see the module docstring for the two kinds).
+
+    The time exponents come from the profile's log-domain cumulative norms, so they are right
+    however far the norms are beyond the floating-point range; NaN where a norm could not be
+    computed (the profile's ``converged`` is then false)."""
     T = profile.n_steps
     alpha_x = alpha_x_sup = None
     if profile.cum_x is not None:
@@ -76,7 +80,7 @@ def stability_exponents(profile: StabilityProfile) -> StabilityExponents:
     return StabilityExponents(
         alpha_x=alpha_x,
         alpha_x_sup=alpha_x_sup,
-        alpha_theta=growth_rate(profile.cum_theta[-1], T),
-        alpha_theta_sup=jnp.log(jnp.maximum(jnp.max(profile.cum_theta), 1.0)) / T,
-        alpha_u=None if profile.cum_u is None else jnp.log(jnp.max(profile.cum_u)) / T,
+        alpha_theta=profile.log_cum_theta[-1] / T,
+        alpha_theta_sup=jnp.maximum(jnp.max(profile.log_cum_theta), 0.0) / T,
+        alpha_u=None if profile.log_cum_u is None else jnp.max(profile.log_cum_u) / T,
     )

@@ -178,12 +178,21 @@ def _substeps(step_size: Array, dt: float | None, who: str, given: object = None
     return math.ceil(ratio)
 
 
-def _settings(who: str, step_size, order, dt, max_steps, adjoint) -> tuple:
+def _settings(who: str, step_size, order, dt, max_steps, adjoint, n_substeps=None) -> tuple:
     """The checked settings every limit shares: ``(step_size, order, dt, n_substeps, max_steps,
-    adjoint)``."""
+    adjoint)``. A static ``n_substeps`` stands in for ``dt`` (``dt = step_size / n_substeps``)
+    and needs no concrete step size, so that limits can be swept and traced."""
     eta = _constant_step(step_size, who)
     if order not in (1, 2):
         raise ValueError(f"`order` must be 1 or 2, got {order!r}.")
+    if n_substeps is not None:
+        if dt is not None:
+            raise ValueError(
+                f"{who}: give `dt` or `n_substeps` (dt = step_size / n_substeps), not both."
+            )
+        n = check_positive_int("n_substeps", n_substeps, fix="Use at least one sub-step.")
+        max_steps = check_positive_int("max_steps", max_steps)
+        return eta, order, None, n, max_steps, dfx.DirectAdjoint() if adjoint is None else adjoint
     dt = None if dt is None else float(dt)
     n = _substeps(eta, dt, who, step_size)
     max_steps = check_positive_int("max_steps", max_steps)
@@ -252,6 +261,9 @@ class GradientFlow(AbstractContinuousLimit):
     - `order`: 1 (gradient flow) or 2 (first modified equation of GD).
     - `dt`: fixed integration step ($\le \eta$; ``ceil(eta / dt)`` sub-steps per step). Default
       ``None``: adaptive steps.
+    - `n_substeps`: instead of `dt`, a static number of fixed sub-steps per step
+      ($\delta = \eta / n$): it needs no concrete step size, so the flow can be swept
+      (``lspsde.Sweep``) or built under ``vmap``.
     - `solver`: a diffrax ODE solver; default ``diffrax.Tsit5()``.
     - `stepsize_controller`: used when `dt` is ``None``; default
       ``diffrax.PIDController(rtol=1e-8, atol=1e-10)``.
@@ -274,6 +286,7 @@ class GradientFlow(AbstractContinuousLimit):
     adjoint: dfx.AbstractAdjoint
     n_substeps: int = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    fixed_steps: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -284,10 +297,12 @@ class GradientFlow(AbstractContinuousLimit):
         stepsize_controller: dfx.AbstractStepSizeController | None = None,
         max_steps: int = 4096,
         adjoint: dfx.AbstractAdjoint | None = None,
+        n_substeps: int | None = None,
     ):
         (self.step_size, self.order, self.dt, self.n_substeps, self.max_steps, self.adjoint) = (
-            _settings("GradientFlow", step_size, order, dt, max_steps, adjoint)
+            _settings("GradientFlow", step_size, order, dt, max_steps, adjoint, n_substeps)
         )
+        self.fixed_steps = dt is not None or n_substeps is not None
         if solver is not None and not isinstance(solver, dfx.AbstractSolver):
             raise TypeError(f"`solver` must be a diffrax solver, got {solver!r}.")
         self.solver = _lax_stages(dfx.Tsit5() if solver is None else solver)
@@ -316,7 +331,7 @@ class GradientFlow(AbstractContinuousLimit):
         y0, unravel = ravel_pytree(theta)
         terms = dfx.ODETerm(_drift(objective, unravel, self.step_size, self.order))
         t0 = jnp.asarray(t, dtype=y0.dtype) * self.step_size
-        if self.dt is None:
+        if not self.fixed_steps:
             controller = self.stepsize_controller
             y1 = _solve_adaptive(
                 terms, self.solver, controller, t0, self.step_size, y0, self.max_steps, None,
@@ -360,6 +375,9 @@ class SGDLimit(AbstractContinuousLimit):
       ``diffeqsolve`` with adaptive steps on a ``VirtualBrownianTree``; then paths are not
       coupled to SGD's draws.
     - `max_steps`, `adjoint`: for the adaptive mode, as in [`GradientFlow`][].
+    - `n_substeps`: instead of `dt`, a static number of fixed sub-steps per step (default 32
+      when neither is given): it needs no concrete step size, so limits can be swept
+      (``lspsde.Sweep``) or built under ``vmap``.
     - `coupled`: with fixed steps, pin each step's Brownian increment to SGD's draw and fill in
       the sub-steps as a bridge (default ``True``: paired weak errors and strong errors against
       SGD are available). ``False`` draws every sub-step increment independently: the same law,
@@ -403,9 +421,10 @@ class SGDLimit(AbstractContinuousLimit):
         max_steps: int = 4096,
         adjoint: dfx.AbstractAdjoint | None = None,
         coupled: bool = True,
+        n_substeps: int | None = None,
     ):
         (self.step_size, self.order, self.dt, self.n_substeps, self.max_steps, self.adjoint) = (
-            _settings("SGDLimit", step_size, order, dt, max_steps, adjoint)
+            _settings("SGDLimit", step_size, order, dt, max_steps, adjoint, n_substeps)
         )
         if not isinstance(coupled, bool):
             raise TypeError(f"`coupled` must be True or False, got {coupled!r}.")

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 import numpy as np
 
+from ._ensemble import check_start
+
 __all__ = ["flow_map", "lyapunov_spectrum", "lyapunov_trace"]
 
 # The fixed initial frame: Q_0 is the Q factor of a (d, k) matrix of uniform pseudo-random
@@ -122,6 +124,7 @@ def _validate(
         d += int(np.prod(np.shape(leaf)))
     if d == 0:
         raise ValueError("`z0` has zero entries; the state dimension must be at least 1.")
+    check_start(z0, name="z0")  # finite (NaN or inf would give meaningless +-inf exponents)
     if k is None:
         k = d
     _check_int("k", k, 1, f"Pass 1 <= k <= {d} (the state dimension), or k=None for all.")

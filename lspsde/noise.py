@@ -118,7 +118,7 @@ def _size(theta: PyTree[Array]) -> int:
 
 def _safe_norm(x: Array) -> Array:
     """$\\|x\\|$ with derivative 0 (a Clarke subgradient) at $x = 0$, not NaN."""
-    sq = x @ x
+    sq = jnp.sum(x * x)
     pos = sq > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 

@@ -28,6 +28,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from . import linalg
 from ._checks import check_positive_int
+from ._cumulative import log_cumulative_norms
+from ._ensemble import check_key, check_run, check_start, check_step, saved_steps
 from .representation import AbstractRepresentationFlow
 from .system import LearningSystem, parameter_trajectory
 
@@ -153,8 +155,11 @@ class StabilityProfile(eqx.Module):
     r"""The Learning Stability Profile along a training run, at the saved steps ``steps``.
 
     Time blocks (shape ``(T_saved,)``): ``sigma_theta``, ``sigma_u`` (one-step),
-    ``cum_theta`` $= \|\partial\theta^t/\partial\theta^0\|_2$ and
-    ``cum_u`` $= \|\partial\theta^t/\partial(u^0..u^{t-1})\|_2$ (zero at $t = 0$), and ``loss``.
+    ``log_cum_theta`` $= \log\|\partial\theta^t/\partial\theta^0\|_2$ and
+    ``log_cum_u`` $= \log\|\partial\theta^t/\partial(u^0..u^{t-1})\|_2$ ($-\infty$ at
+    $t = 0$), computed in the log domain (renormalised products, ``lspsde._cumulative``) so
+    that they are right at any horizon, contracting or exploding; ``cum_theta`` and ``cum_u``
+    are their exponentials (``inf`` past the float range: use the logs), and ``loss``.
     Depth blocks (shape ``(T_saved, L)``, ``None`` without a representation): ``sigma_x``
     and ``cum_x``, suprema over the probes. ``sigma_u`` and ``cum_u`` are ``None`` when the
     update noise is discrete (minibatch indices), where no derivative in $u$ exists.
@@ -163,8 +168,8 @@ class StabilityProfile(eqx.Module):
     steps: Int[Array, " T"]
     sigma_theta: Float[Array, " T"]
     sigma_u: Float[Array, " T"] | None
-    cum_theta: Float[Array, " T"]
-    cum_u: Float[Array, " T"] | None
+    log_cum_theta: Float[Array, " T"]
+    log_cum_u: Float[Array, " T"] | None
     loss: Float[Array, " T"]
     sigma_x: Float[Array, "T L"] | None
     cum_x: Float[Array, "T L"] | None
@@ -172,44 +177,43 @@ class StabilityProfile(eqx.Module):
     n_steps: int = eqx.field(static=True)
     depth: int = eqx.field(static=True)
 
+    @property
+    def cum_theta(self) -> Float[Array, " T"]:
+        r"""$\|\partial\theta^t/\partial\theta^0\|_2$ (``inf`` past the float range)."""
+        return jnp.exp(self.log_cum_theta)
 
-def _theta_at(system: LearningSystem, theta0, us, t, n_steps):
-    r"""$\theta^t$ as a function of $(\theta^0, u^0..u^{T-1})$: steps $s \ge t$ are skipped."""
-
-    def body(theta, s):
-        u = jax.tree.map(lambda a: a[s], us)
-        new = system.parameter_map(s, theta, u)
-        return jax.tree.map(lambda a, b: jnp.where(s < t, a, b), new, theta), None
-
-    theta, _ = jax.lax.scan(body, theta0, jnp.arange(n_steps))
-    return theta
-
-
-def _saved_steps(n_steps: int, save_every: int) -> Array:
-    steps = list(range(0, n_steps + 1, save_every))
-    if steps[-1] != n_steps:
-        steps.append(n_steps)
-    return jnp.asarray(steps)
+    @property
+    def cum_u(self) -> Float[Array, " T"] | None:
+        r"""$\|\partial\theta^t/\partial u^{0:t}\|_2$ (0 at $t = 0$)."""
+        return None if self.log_cum_u is None else jnp.exp(self.log_cum_u)
 
 
 @eqx.filter_jit
 def _learning_profile(system, theta0, key, n_steps, save_every, options):
-    thetas, us = parameter_trajectory(system, theta0, n_steps, key=key)
-    steps = _saved_steps(n_steps, save_every)
+    thetas, us = parameter_trajectory(system, theta0, n_steps=n_steps, key=key)
+    steps = jnp.asarray(saved_steps(n_steps, save_every))
     discrete_u = not all(jnp.issubdtype(u.dtype, jnp.inexact) for u in jax.tree.leaves(us))
+    cum_method = "lanczos" if options.method == "auto" else options.method
 
     def at(t):
         theta_t = jax.tree.map(lambda a: a[t], thetas)
         u_t = system.noise_at(key, t, theta_t)
         s_th, ok1 = options.norm(lambda th: system.parameter_map(t, th, u_t), theta_t)
-        c_th, ok3 = options.norm(lambda th0: _theta_at(system, th0, us, t, n_steps), theta0)
+        c_th, ok3, c_u, ok4 = log_cumulative_norms(
+            system.parameter_map,
+            thetas,
+            us,
+            t,
+            method=cum_method,
+            max_steps=options.max_steps,
+            rtol=options.rtol,
+            with_u=not discrete_u,
+        )
         if discrete_u:  # u is data indices: no derivative in u exists
-            s_u = c_u = jnp.array(0.0)
-            ok2 = ok4 = jnp.array(True)
+            s_u = jnp.array(0.0)
+            ok2 = jnp.array(True)
         else:
             s_u, ok2 = options.norm(lambda u: system.parameter_map(t, theta_t, u), u_t)
-            c_u, ok4 = options.norm(lambda uu: _theta_at(system, theta0, uu, t, n_steps), us)
-            c_u = jnp.where(t == 0, 0.0, c_u)
         loss = system.objective.loss(theta_t)
         ok = ok1 & ok2 & ok3 & ok4
         if system.representation is None:
@@ -235,8 +239,8 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options):
         steps=steps,
         sigma_theta=out[0],
         sigma_u=None if discrete_u else out[1],
-        cum_theta=out[2],
-        cum_u=None if discrete_u else out[3],
+        log_cum_theta=out[2],
+        log_cum_u=None if discrete_u else out[3],
         loss=out[4],
         sigma_x=sigma_x,
         cum_x=cum_x,
@@ -246,31 +250,12 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options):
     )
 
 
-def check_parameters(system: LearningSystem, theta0: PyTree[Array]) -> None:
-    """Check (abstractly, without compiling) that one update maps ``theta0`` to its own shape."""
-    fix = "check that `theta0` matches the objective (for a network: `lspsde.parameters(network)`)."
-    system.update.check(system.objective, system.noise, theta0)
-    try:
-        key = jax.random.key(0)
-        out = jax.eval_shape(
-            lambda th: system.parameter_map(0, th, system.noise_at(key, 0, th)), theta0
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"One update step fails on `theta0`: {e}\nFix: {fix}") from None
-    inp = jax.eval_shape(lambda th: th, theta0)
-    if jax.tree.structure(out) != jax.tree.structure(inp) or any(
-        (a.shape, a.dtype) != (b.shape, b.dtype)
-        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(inp), strict=True)
-    ):
-        raise ValueError(f"One update step changes the shape of `theta0`; {fix}")
-
-
 def learning_profile(
     system: LearningSystem,
     theta0: PyTree[Array],
-    n_steps: int,
     *,
-    key: PRNGKeyArray | None = None,
+    key: PRNGKeyArray,
+    n_steps: int,
     save_every: int = 1,
     method: str = "auto",
     max_steps: int = 64,
@@ -281,25 +266,33 @@ def learning_profile(
     **Arguments:**
 
     - `system`: a [`LearningSystem`][lspsde.system.LearningSystem].
-    - `theta0`: the initial parameters $\theta^0$ (a pytree).
+    - `theta0`: the initial parameters $\theta^0$ (a pytree of real floating arrays, finite).
+    - `key`: PRNG key of the update noise (step $t$ uses ``fold_in(key, t)``); required, as
+      everywhere in lspsde.
     - `n_steps`: the training horizon $T \ge 1$.
-    - `key`: PRNG key of the update noise (step $t$ uses ``fold_in(key, t)``).
     - `save_every`: the profile is evaluated at $t = 0, s, 2s, \dots$ and at $T$.
     - `method`, `max_steps`, `rtol`: as in [`representation_profile`][]; with ``"auto"`` the
       parameter and update blocks are always matrix-free.
 
     **Returns:** a [`StabilityProfile`][lspsde.profile.StabilityProfile]. Cumulative time blocks
-    differentiate through the realised trajectory (the noise draws held fixed), so their cost
-    grows with $t$: choose ``save_every`` accordingly.
+    differentiate through the realised trajectory (the noise draws held fixed), in the log
+    domain; their cost grows with $t$: choose ``save_every`` accordingly.
+
+    **Raises:** ``TypeError``/``ValueError`` before compilation for a bad system, key, count,
+    norm option or ``theta0`` (not real floating, not finite, or not mapped to its own shape by
+    one update step), with the same checks and messages as ``simulate``.
     """
     if not isinstance(system, LearningSystem):
         raise TypeError(f"`system` must be a LearningSystem, got {type(system).__name__}.")
-    n_steps = check_positive_int("n_steps", n_steps, fix="Train for at least one step.")
-    save_every = check_positive_int("save_every", save_every)
-    if save_every > n_steps:
-        raise ValueError(f"`save_every`={save_every} exceeds `n_steps`={n_steps}; lower it.")
+    run = check_run(
+        n_paths=1,
+        n_steps=n_steps,
+        save_every=save_every,
+        chunk_size=None,
+        divergence_threshold=1e8,
+    )
     options = NormOptions(method, max_steps, rtol)
-    if key is None:
-        key = jax.random.key(0)
-    check_parameters(system, theta0)
-    return _learning_profile(system, theta0, key, n_steps, save_every, options)
+    check_key(key)
+    theta0 = check_start(theta0)
+    check_step(system, theta0, key)
+    return _learning_profile(system, theta0, key, run.n_steps, run.save_every, options)

@@ -105,7 +105,15 @@ def _(obj: StabilityProfile, *, attrs: dict | None = None):
         )
     steps = np.asarray(obj.steps)
     data = {}
-    for name in ("sigma_theta", "sigma_u", "cum_theta", "cum_u", "loss"):
+    for name in (
+        "sigma_theta",
+        "sigma_u",
+        "cum_theta",
+        "cum_u",
+        "log_cum_theta",
+        "log_cum_u",
+        "loss",
+    ):
         value = getattr(obj, name)
         if value is not None:
             data[name] = (("step",), np.asarray(value))

@@ -100,17 +100,16 @@ class LearningSystem(eqx.Module):
 def parameter_trajectory(
     system: LearningSystem,
     theta0: PyTree[Array],
-    n_steps: int,
     *,
-    key: PRNGKeyArray | None = None,
+    key: PRNGKeyArray,
+    n_steps: int,
 ) -> tuple[PyTree[Array], PyTree[Array]]:
-    r"""Iterate $\theta^{t+1} = \mathcal{A}_t(\theta^t, u^t)$ for ``n_steps`` steps.
+    r"""Iterate $\theta^{t+1} = \mathcal{A}_t(\theta^t, u^t)$ for ``n_steps`` steps, the
+    draws $u^t$ from ``fold_in(key, t)``.
 
     **Returns:** ``(thetas, us)``: $\theta^0..\theta^T$ stacked on a leading axis of size
     ``n_steps + 1``, and the draws $u^0..u^{T-1}$ (leading axis ``n_steps``).
     """
-    if key is None:
-        key = jax.random.key(0)
 
     def body(theta, t):
         u = system.noise_at(key, t, theta)

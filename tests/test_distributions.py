@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import lspsde._ensemble
 from lspsde._simulate import simulate
 import lspsde.distributions as distributions
 from lspsde.distributions import EXPONENT_NAMES, ExponentDistribution, exponent_distribution
@@ -135,7 +136,7 @@ def test_default_chunk_size_keeps_a_chunk_within_the_budget():
 
 
 def test_new_hyperparameters_reuse_the_compiled_program(additive):
-    cache = distributions._run_chunk._cached._cache_size()
+    cache = lspsde._ensemble._run_chunk._cached._cache_size()
     dist = exponent_distribution(
         _system(eta=0.1),
         jnp.zeros(D),
@@ -144,7 +145,7 @@ def test_new_hyperparameters_reuse_the_compiled_program(additive):
         divergence_threshold=1e6,
         **COMMON,
     )
-    assert distributions._run_chunk._cached._cache_size() == cache
+    assert lspsde._ensemble._run_chunk._cached._cache_size() == cache
     np.testing.assert_allclose(dist.alpha_theta, np.log(1 - 0.1 * EIGS[0]), rtol=1e-9)
 
 
@@ -187,7 +188,9 @@ def test_every_path_matches_dense_jacobians_and_its_own_learning_profile(state_d
     # Path p is learning_profile's path with key fold_in(key, p), block by block.
     for p in (0, 37):
         k_p = jax.random.fold_in(KEY, p)
-        prof = learning_profile(system, theta0, T, key=k_p, save_every=EVERY, method="dense")
+        prof = learning_profile(
+            system, theta0, n_steps=T, key=k_p, save_every=EVERY, method="dense"
+        )
         for name in ("sigma_theta", "sigma_u", "cum_theta", "cum_u", "loss"):
             np.testing.assert_allclose(getattr(dist, name)[p], getattr(prof, name), rtol=1e-10)
         ex = stability_exponents(prof)
@@ -355,15 +358,24 @@ def test_diverged_paths_are_excluded_and_counted():
     assert tree.attrs["n_diverged"] == dist.n_diverged
 
 
-def test_a_non_finite_profile_marks_a_path_diverged(additive):
-    # theta0 = theta* and no noise: theta^t = theta* stays inside the threshold, but
-    # d theta^t / d theta^0 = (I - eta H)^t overflows for eta = 1e200 from t = 2 on (dense norms:
-    # the SVD of an overflowing Jacobian is nan). The same compiled program as `additive`.
+def test_an_overflowing_sensitivity_is_data_and_a_non_finite_profile_marks_divergence(additive):
+    # theta0 = theta* and no noise: theta^t = theta* stays inside the threshold, while
+    # d theta^t / d theta^0 = (I - eta H)^t grows like (3 eta)^t: for eta = 1e200 it leaves the
+    # float range from t = 2 on. In the log domain it is still exact: log ||.|| = t log(3 eta - 1).
     system = _system(eta=1e200, sigma0=0.0, star=0.0)
     dist = exponent_distribution(system, jnp.zeros(D), key=KEY, n_paths=4, **COMMON)
-    assert dist.n_diverged == 4 and np.all(np.asarray(dist.divergence_step) == 2)
+    t = np.asarray(dist.steps)
+    assert dist.n_diverged == 0 and np.all(np.asarray(dist.converged))
+    np.testing.assert_allclose(dist.log_cum_theta, np.broadcast_to(t * np.log(3e200), (4, len(t))))
+    np.testing.assert_allclose(dist.alpha_theta, np.log(3e200))
+    assert not np.any(np.isfinite(np.asarray(dist.cum_theta)[:, 1:]))  # exp(log) overflows
+    # eta = 1e308: the one-step Jacobian I - eta H itself is not representable (3e308 = inf):
+    # the profile cannot be computed, and the path is diverged from the first saved step.
+    dist = exponent_distribution(
+        _system(eta=1e308, sigma0=0.0, star=0.0), jnp.zeros(D), key=KEY, n_paths=4, **COMMON
+    )
+    assert dist.n_diverged == 4 and np.all(np.asarray(dist.divergence_step) == 0)
     np.testing.assert_array_equal(dist.final_theta, 0.0)
-    assert not np.any(np.isfinite(np.asarray(dist.cum_theta)[:, 1:]))
     with pytest.raises(ValueError, match="Only 0 of 4 paths did not diverge"):
         dist.summary()
     assert dist.to_datatree()["exponents"].sizes["path"] == 0
@@ -398,7 +410,7 @@ def test_bad_inputs_raise_before_compilation(monkeypatch, args, error, match):
     def compiled(*args, **kwargs):
         raise AssertionError("compiled before the input was checked")
 
-    monkeypatch.setattr(distributions, "_run_chunk", compiled)
+    monkeypatch.setattr(lspsde._ensemble, "_run_chunk", compiled)
     system, theta0, kwargs = args
     with pytest.raises(error, match=match):
         exponent_distribution(system, theta0, **kwargs)

@@ -169,7 +169,7 @@ def _gbm(mu, eta, s1, substeps, n_steps=2, n_paths=4000):
         system = lspsde.LearningSystem(obj, SGDLimit(eta, dt=eta / n, solver=dfx.Euler()), noise)
 
         def run(k, system=system):
-            thetas, us = lspsde.parameter_trajectory(system, jnp.ones(1), n_steps, key=k)
+            thetas, us = lspsde.parameter_trajectory(system, jnp.ones(1), n_steps=n_steps, key=k)
             W_T = jnp.sum(us.total[:, 1])  # the second Brownian component drives sigma1
             return thetas[-1, 0], jnp.exp(-(mu + b**2 / 2) * T - b * W_T)
 

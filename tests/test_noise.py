@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from lspsde._ensemble import check_step
 from lspsde.noise import (
     AlphaStableNoise,
     AnisotropicGaussian,
@@ -31,7 +32,6 @@ from lspsde.noise import (
 )
 from lspsde.objectives import AbstractObjective
 from lspsde.parameter import GradientDescent
-from lspsde.profile import check_parameters
 from lspsde.system import LearningSystem, parameter_trajectory
 import models
 
@@ -520,7 +520,7 @@ def _keyed(noise, key, theta):
     keys = jax.random.split(key, 5)
     batch = jax.vmap(lambda k: noise.sample(k, theta))(keys)
     system = LearningSystem(FLS, GradientDescent(0.05), noise)
-    path = parameter_trajectory(system, theta, 20, key=key)[0]
+    path = parameter_trajectory(system, theta, n_steps=20, key=key)[0]
     return batch, [noise.sample(keys[i], theta) for i in (0, 4)], path
 
 
@@ -547,7 +547,7 @@ def test_determinism_vmap_and_learning_system(noise):
     flat = np.stack([ravel_pytree(jax.tree.map(lambda b, i=i: b[i], batch))[0] for i in range(5)])
     assert np.all(flat == flat[0]) == isinstance(noise, NoNoise)  # different keys differ
     noise.check(FLS, theta)
-    check_parameters(LearningSystem(FLS, GradientDescent(0.05), noise), theta)
+    check_step(LearningSystem(FLS, GradientDescent(0.05), noise), theta, key)
     assert path.shape == (21, 3) and np.all(np.isfinite(path))
     assert isinstance(noise.assumption1(FLS), Assumption1)
 

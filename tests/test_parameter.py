@@ -12,7 +12,7 @@ import models
 
 def _run(update, objective, theta0, n_steps):
     system = lspsde.LearningSystem(objective, update)
-    thetas, _ = lspsde.parameter_trajectory(system, theta0, n_steps)
+    thetas, _ = lspsde.parameter_trajectory(system, theta0, key=jax.random.key(0), n_steps=n_steps)
     return thetas
 
 

@@ -16,6 +16,8 @@ from lspsde.schedules import RobbinsMonro
 from lspsde.system import LearningSystem
 import models
 
+KEY = jax.random.key(0)
+
 
 def _orthogonal(key, n):
     q, r = jnp.linalg.qr(jax.random.normal(key, (n, n)))
@@ -88,7 +90,7 @@ def test_gradient_descent_profile_on_a_quadratic_is_exact():
     eta, T = 0.2, 12
     system = _quadratic_system(eigs, eta)
     theta0 = jnp.zeros(4)
-    prof = learning_profile(system, theta0, T, save_every=3, rtol=1e-12)
+    prof = learning_profile(system, theta0, key=KEY, n_steps=T, save_every=3, rtol=1e-12)
     t = np.asarray(prof.steps)
     r = float(jnp.max(jnp.abs(1 - eta * eigs)))  # ||I - eta H||
     np.testing.assert_allclose(prof.sigma_theta, r, rtol=1e-9)
@@ -113,7 +115,7 @@ def test_profile_with_decreasing_steps():
     eigs = jnp.array([1.0, 2.0])
     sched = RobbinsMonro(c=0.5, t0=2.0, p=0.75)
     system = _quadratic_system(eigs, None, schedule=sched)
-    prof = learning_profile(system, jnp.zeros(2), 8, rtol=1e-12)
+    prof = learning_profile(system, jnp.zeros(2), key=KEY, n_steps=8, rtol=1e-12)
     etas = 0.5 / (np.arange(9) + 2.0) ** 0.75
     # sigma^u_t = eta_t, sigma^theta_t = max_i |1 - eta_t lambda_i|
     np.testing.assert_allclose(prof.sigma_u, etas, rtol=1e-9)
@@ -138,8 +140,12 @@ def test_learning_profile_of_a_network_matches_dense():
     system = LearningSystem(
         SupervisedLoss(net, x, y), GradientDescent(0.3), representation=net, probes=x[:3]
     )
-    free = learning_profile(system, parameters(net), 6, save_every=2, method="lanczos", rtol=1e-10)
-    dense = learning_profile(system, parameters(net), 6, save_every=2, method="dense")
+    free = learning_profile(
+        system, parameters(net), key=KEY, n_steps=6, save_every=2, method="lanczos", rtol=1e-10
+    )
+    dense = learning_profile(
+        system, parameters(net), key=KEY, n_steps=6, save_every=2, method="dense"
+    )
     assert bool(free.converged)
     for field in ["sigma_theta", "sigma_u", "cum_theta", "cum_u", "sigma_x", "cum_x", "loss"]:
         np.testing.assert_allclose(getattr(free, field), getattr(dense, field), rtol=1e-6)
@@ -158,15 +164,15 @@ def test_exponent_definitions():
 def test_bad_input_is_rejected_before_compilation():
     system = _quadratic_system(jnp.array([1.0, 2.0]), 0.1)
     with pytest.raises(TypeError, match="n_steps"):
-        learning_profile(system, jnp.zeros(2), 2.5)
+        learning_profile(system, jnp.zeros(2), key=KEY, n_steps=2.5)
     with pytest.raises(ValueError, match="n_steps"):
-        learning_profile(system, jnp.zeros(2), 0)
+        learning_profile(system, jnp.zeros(2), key=KEY, n_steps=0)
     with pytest.raises(ValueError, match="save_every"):
-        learning_profile(system, jnp.zeros(2), 3, save_every=5)
+        learning_profile(system, jnp.zeros(2), key=KEY, n_steps=3, save_every=5)
     with pytest.raises(ValueError, match="theta0"):
-        learning_profile(system, jnp.zeros(3), 3)
+        learning_profile(system, jnp.zeros(3), key=KEY, n_steps=3)
     with pytest.raises(ValueError, match="method"):
-        learning_profile(system, jnp.zeros(2), 3, method="svd")
+        learning_profile(system, jnp.zeros(2), key=KEY, n_steps=3, method="svd")
     flow = LayerSequence([jnp.tanh])
     with pytest.raises(ValueError, match="probes"):
         representation_profile(flow, jnp.zeros(3))
@@ -184,7 +190,7 @@ def test_profile_with_minibatch_noise_has_no_u_blocks():
     data = models.synthetic_regression(jax.random.key(7), 40, 3, 0.1)
     obj = models.LeastSquares(data.X, data.y)
     system = LearningSystem(obj, GradientDescent(0.1), noise=lspsde.MinibatchNoise(8, 40))
-    prof = learning_profile(system, jnp.zeros(3), 6, save_every=3, rtol=1e-12)
+    prof = learning_profile(system, jnp.zeros(3), key=KEY, n_steps=6, save_every=3, rtol=1e-12)
     assert prof.sigma_u is None and prof.cum_u is None
     assert stability_exponents(prof).alpha_u is None
     # sigma^theta_t = ||I - eta H_B|| with H_B the Hessian of the sampled batch: <= 1 here

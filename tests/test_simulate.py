@@ -259,7 +259,7 @@ def test_sharded_over_two_devices_is_bit_for_bit_the_single_device_result(tmp_pa
         + textwrap.dedent(
             """
             import importlib
-            S = importlib.import_module("lspsde._simulate")  # the module, not the function
+            S = importlib.import_module("lspsde._ensemble")  # the engine every front end uses
             chunk, seen = S._run_chunk, []
             def spy(*args):
                 out = chunk(*args)

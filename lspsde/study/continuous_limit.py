@@ -100,7 +100,7 @@ def _sensitivity(system: LearningSystem, theta0, key, n_steps: int):
     flat0, unravel = ravel_pytree(theta0)
 
     def path(flat):
-        thetas, _ = parameter_trajectory(system, unravel(flat), n_steps, key=key)
+        thetas, _ = parameter_trajectory(system, unravel(flat), n_steps=n_steps, key=key)
         return jax.vmap(lambda i: ravel_pytree(jax.tree.map(lambda a: a[i], thetas))[0])(
             jnp.arange(n_steps + 1)
         )

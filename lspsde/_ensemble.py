@@ -1,0 +1,426 @@
+r"""The ensemble engine: the one path loop behind ``simulate``, ``exponent_distribution`` and the
+learning profile.
+
+It owns every piece of running many paths of a learning system:
+
+- **start checks** ([`check_run`][], [`check_start`][], [`check_key`][], [`check_step`][]), the
+  same for every entry point and run before anything compiles. Values that are traced (a sweep
+  built inside ``jax.vmap``, a ``jax.jit`` around the call) cannot be checked before tracing;
+  their checks are skipped, never turned into a crash;
+- the **divergence-guarded step** ([`guarded_step`][]): a path whose $\theta^t$ is not finite
+  or leaves the ball $\|\theta\| \le$ ``divergence_threshold`` is frozen and its step recorded;
+- the **saved steps** $0, s, 2s, \dots, T$ ([`saved_steps`][]);
+- **counter keys**: path $p$ uses ``fold_in(key, p)``, its step $t$ ``fold_in(fold_in(key, p),
+  t)`` (``LearningSystem.noise_at``), so a path never depends on the chunking, the devices or
+  the grid point it runs beside;
+- the **memory estimate** ([`MemoryPlan`][]): the result size and the per-path working set are
+  computed from shapes alone, and a request that cannot fit is refused before compilation;
+- **chunks and sharding** ([`run_ensemble`][]): paths run in chunks (all padded to one shape,
+  so one program serves every chunk), the path axis sharded over the local devices, and a
+  **sweep** (a batch of flows or noise models, [`lspsde.Sweep`][]) adds a leading grid axis
+  that is one more ``vmap`` inside the same compiled program.
+"""
+
+from collections.abc import Callable
+import math
+import os
+import sys
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._checks import check_positive, check_positive_int
+from .system import LearningSystem
+
+__all__ = [
+    "CHUNK_BUDGET_BYTES",
+    "MemoryPlan",
+    "RunSettings",
+    "check_key",
+    "check_run",
+    "check_start",
+    "check_step",
+    "describe",
+    "guarded_step",
+    "named_leaves",
+    "run_ensemble",
+    "saved_steps",
+    "sq_norm",
+]
+
+# Default chunking: a chunk's estimated working set is kept under this many bytes.
+CHUNK_BUDGET_BYTES = 2**30
+
+
+# --------------------------------------------------------------------------------------------
+# Small pytree helpers shared by the front ends
+# --------------------------------------------------------------------------------------------
+
+
+def sq_norm(tree: PyTree[Array]) -> Array:
+    r"""$\|\theta\|^2$ summed over all leaves."""
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def describe(tree: PyTree) -> str:
+    """``{'w': float64[3, 2], ...}``: dtypes and shapes of a pytree, for error messages."""
+    return str(jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(jnp.shape(a))}", tree))
+
+
+def named_leaves(tree: PyTree[Array], prefix: str) -> dict[str, np.ndarray]:
+    """``{prefix + sanitised key path: leaf}``: ``theta`` for a bare array, ``theta_w`` etc."""
+    import re
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = re.sub(r"\W+", "_", prefix + jax.tree_util.keystr(path)).strip("_")
+        out[name] = np.asarray(leaf)
+    return out
+
+
+def saved_steps(n_steps: int, save_every: int) -> np.ndarray:
+    """The saved steps $0, s, 2s, \\dots$ and ``n_steps`` (always included)."""
+    steps = list(range(0, n_steps + 1, save_every))
+    if steps[-1] != n_steps:
+        steps.append(n_steps)
+    return np.asarray(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Start checks (before anything compiles)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_key(key: Any) -> None:
+    """``key`` must be a JAX PRNG key (typed, or a legacy ``uint32[2]``)."""
+    if _is_traced(key):
+        return
+    ok = isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.shape == (2,) and key.dtype == jnp.uint32)
+    )
+    if not ok:
+        raise TypeError(
+            f"`key` must be a JAX PRNG key, got {key!r}; use `key=jax.random.key(seed)`."
+        )
+
+
+def check_start(
+    theta0: PyTree[ArrayLike],
+    divergence_threshold: Any = None,
+    *,
+    name: str = "theta0",
+) -> PyTree[Array]:
+    r"""``theta0`` as arrays, checked to be real floating point and finite and, with a
+    ``divergence_threshold``, inside it (and that threshold below overflow of $\|\theta\|^2$).
+
+    Concrete values are checked in NumPy (no JAX op is traced), so the check also runs inside
+    an outer ``jax.jit``; traced leaves (``theta0`` built inside ``jax.vmap``) are only checked
+    for dtype.
+    """
+    leaves = jax.tree.leaves(theta0)
+    dtypes = [jnp.result_type(a) for a in leaves]
+    if not leaves or not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+        kind = (
+            "complex"
+            if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes)
+            else "non-floating"
+        )
+        raise TypeError(
+            f"`{name}` must hold real floating-point arrays, got {kind} leaves "
+            f"{describe(theta0)}; e.g. `jnp.asarray({name}, dtype=float)`"
+            + (" (the theory is stated over the reals)." if kind == "complex" else ".")
+        )
+    theta0 = jax.tree.map(jnp.asarray, theta0)
+    concrete = [np.asarray(a) for a in leaves if not _is_traced(a)]
+    if len(concrete) < len(leaves):
+        return theta0  # traced: checked where it is used (divergence is data)
+    norm0 = math.sqrt(sum(float(np.sum(np.square(a.astype(np.float64)))) for a in concrete))
+    if not math.isfinite(norm0):
+        raise ValueError(
+            f"`{name}` is not finite (it holds NaN or inf) {describe(theta0)}; start from "
+            "finite values."
+        )
+    if divergence_threshold is None or _is_traced(divergence_threshold):
+        return theta0
+    threshold = float(divergence_threshold)
+    largest = math.sqrt(float(jnp.finfo(jnp.result_type(*leaves)).max))
+    if not threshold < largest:
+        raise ValueError(
+            f"`divergence_threshold`={threshold:g} is not below sqrt(max float) = "
+            f"{largest:.3g} for {name}'s dtype: ||theta||^2 would overflow before the threshold "
+            "is reached. Use a smaller threshold (the default is 1e8)."
+        )
+    if not norm0 <= threshold:
+        raise ValueError(
+            f"`{name}` has norm {norm0:.6g}, above `divergence_threshold`={threshold:g}: every "
+            "path would diverge at step 0. Start closer to the origin or raise the threshold."
+        )
+    return theta0
+
+
+def check_step(system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray) -> None:
+    """One step, abstractly (``eval_shape``: traced, not compiled), must keep ``theta0``'s
+    structure, shapes and dtypes; the flow's and the noise model's own checks run first."""
+    system.update.check(system.objective, system.noise, theta0)
+    fix = (
+        "give `theta0` the structure, shapes and dtype the objective expects (for a network: "
+        "`lspsde.parameters(network)`; for a d-dimensional quadratic: shape (d,))."
+    )
+    one_step = lambda s, th, k: s.parameter_map(0, th, s.noise_at(k, 0, th))
+    try:
+        out = eqx.filter_eval_shape(one_step, system, theta0, key)
+    except Exception as err:
+        raise ValueError(
+            f"One update step (noise.sample, noise.gradient, update) fails at `theta0` "
+            f"{describe(theta0)}: {err}\nIf `theta0` is at fault, {fix}"
+        ) from err
+    want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), theta0)
+    if jax.tree.structure(out) != jax.tree.structure(want) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True)
+    ):
+        raise ValueError(
+            f"One update step maps `theta0` {describe(theta0)} to {describe(out)}; "
+            f"the scan needs them equal: {fix}"
+        )
+    check = getattr(system.noise, "check", None)  # e.g. the model needs theta*
+    if callable(check):
+        check(system.objective, theta0)
+
+
+class RunSettings(NamedTuple):
+    """The checked counts of a run (see [`check_run`][])."""
+
+    n_paths: int
+    n_steps: int
+    save_every: int
+    chunk_size: int | None
+    divergence_threshold: float
+    steps: np.ndarray
+
+
+def check_run(
+    *,
+    n_paths: int,
+    n_steps: int,
+    save_every: int,
+    chunk_size: int | None,
+    divergence_threshold: Any,
+) -> RunSettings:
+    """The counts and the divergence threshold of an ensemble, checked (clear errors, no
+    compilation). ``divergence_threshold`` must be a concrete number: it is a static setting."""
+    n_paths = check_positive_int("n_paths", n_paths, fix="Simulate at least one path.")
+    n_steps = check_positive_int("n_steps", n_steps, fix="Simulate at least one step.")
+    save_every = check_positive_int("save_every", save_every)
+    if save_every > n_steps:
+        raise ValueError(
+            f"`save_every`={save_every} exceeds `n_steps`={n_steps}; use save_every <= n_steps "
+            "(the last step is always saved)."
+        )
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size, fix="Or pass None (automatic).")
+    if _is_traced(divergence_threshold):
+        raise TypeError(
+            "`divergence_threshold` must be a concrete number (it is a static setting of the "
+            "run), not a traced value; sweep step sizes or noise levels instead."
+        )
+    if isinstance(divergence_threshold, str | bytes | bool) or np.ndim(divergence_threshold):
+        raise TypeError(
+            f"`divergence_threshold` must be a real number, got {divergence_threshold!r}."
+        )
+    check_positive(
+        "divergence_threshold",
+        divergence_threshold,
+        fix="It bounds ||theta||; use e.g. 1e8 (the default).",
+    )
+    return RunSettings(
+        n_paths,
+        n_steps,
+        save_every,
+        chunk_size,
+        float(divergence_threshold),
+        saved_steps(n_steps, save_every),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: estimated from shapes, checked before compilation
+# --------------------------------------------------------------------------------------------
+
+
+def _format_bytes(n: float | int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def available_memory() -> int:
+    """Bytes a run may use: the first local device's memory limit where JAX reports one (GPU,
+    TPU), else the host's physical memory. ``LSPSDE_MEMORY_LIMIT`` (bytes) overrides both."""
+    override = os.environ.get("LSPSDE_MEMORY_LIMIT")
+    if override:
+        return int(float(override))
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class MemoryPlan(NamedTuple):
+    r"""The memory a run needs, from shapes alone.
+
+    - `result_per_path`: bytes of the returned arrays for one path (all grid points);
+    - `work_per_path`: bytes of one path's working set while it runs (all grid points),
+      outputs included;
+    - `what`: the names of the result's large parts, for the error message;
+    - `fixes`: what to change when the request does not fit.
+    """
+
+    result_per_path: int
+    work_per_path: int
+    what: str
+    fixes: str
+
+    def check(self, n_paths: int, limit: int | None = None) -> None:
+        """Refuse a request whose result, or whose smallest chunk (two paths per device), cannot
+        fit in ``limit`` bytes (default: [`available_memory`][])."""
+        limit = available_memory() if limit is None else limit
+        result = self.result_per_path * n_paths
+        smallest = self.work_per_path * 2 * len(jax.local_devices())
+        if result > limit or smallest > limit:
+            size, part = (
+                (result, f"the result ({self.what}) alone")
+                if result > limit
+                else (smallest, "the smallest chunk's working set")
+            )
+            raise MemoryError(
+                f"This run needs {_format_bytes(size)} for {part}, more than the "
+                f"{_format_bytes(limit)} available. {self.fixes}"
+            )
+
+    def chunk_size(self, n_paths: int, budget: int = CHUNK_BUDGET_BYTES) -> int:
+        """All paths if their working set fits ``budget``, else the fewest (nearly) equal
+        chunks that each fit (one path per chunk at the least)."""
+        largest = max(1, budget // max(self.work_per_path, 1))
+        return math.ceil(n_paths / math.ceil(n_paths / largest))  # balanced: none > largest
+
+
+# --------------------------------------------------------------------------------------------
+# The guarded step
+# --------------------------------------------------------------------------------------------
+
+
+def guarded_step(system: LearningSystem, k_p: PRNGKeyArray, threshold: Array) -> Callable:
+    r"""``step((theta, div_step), t) -> (theta, div_step)``: one step of path ``k_p`` under the
+    divergence rule. A path whose new $\theta$ is not finite or has $\|\theta\| >$
+    ``threshold`` is frozen at its last admissible value, and ``div_step`` (``-1`` while alive)
+    records the first such step $t + 1$."""
+
+    def step(carry, t):
+        theta, div_step = carry
+        new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
+        # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
+        frozen = (div_step >= 0) | ~(jnp.sqrt(sq_norm(new)) <= threshold)
+        theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
+        div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
+        return theta, div_step
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Running the ensemble: chunks, sharding, the grid axis
+# --------------------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _run_chunk(path_fn, system, sweep_field, swept, batch_size, args, ids):
+    """``path_fn(system, *args, p)`` over the path ids of one chunk. With a sweep, a
+    ``lax.map`` over the grid axis of ``swept`` (``vmap``-ed ``batch_size`` grid points at a
+    time), which replaces the field ``sweep_field`` (``"update"`` or ``"noise"``) of ``system``
+    at each grid point."""
+    over_paths = eqx.filter_vmap(lambda s, p: path_fn(s, *args, p), in_axes=(None, 0))
+    if sweep_field is None:
+        return over_paths(system, ids)
+    arrays, static = eqx.partition(swept, eqx.is_array)
+
+    def at_grid_point(a):
+        module = eqx.combine(a, static)
+        return over_paths(eqx.tree_at(lambda s: getattr(s, sweep_field), system, module), ids)
+
+    return jax.lax.map(at_grid_point, arrays, batch_size=batch_size)
+
+
+def run_ensemble(
+    path_fn: Callable,
+    system: LearningSystem,
+    args: tuple,
+    *,
+    n_paths: int,
+    chunk_size: int,
+    sweep: "tuple[str, eqx.Module, int | None] | None" = None,
+    progress: bool | None = None,
+    desc: str = "ensemble",
+) -> PyTree[Array]:
+    r"""``path_fn(system, *args, p)`` for every global path index ``p``, ``chunk_size`` paths
+    per compiled call, concatenated on the path axis (after the grid axis, if any).
+
+    ``path_fn`` must be a module-level function (its identity is part of the compilation key);
+    ``args`` holds arrays (traced) and hashable settings (static). ``sweep = (field, module,
+    batch_size)`` runs a grid: ``module`` is a batch of flows or noise models (every array leaf
+    has a leading grid axis) that replaces ``system.<field>``. The grid is a ``lax.map`` inside
+    the same compiled program, ``vmap``-ed over ``batch_size`` grid points at a time (``None``:
+    one at a time). One at a time, each grid point runs exactly the program of a plain run, so
+    path ``p`` at grid point ``g`` is bit for bit the plain run's path ``p``; a wider batch
+    vectorises across the grid too, and XLA may then round reductions differently (last-ulp
+    differences, measured 2.2e-16 on state-dependent noise).
+
+    A compiled chunk holds at least two paths per device: XLA:CPU evaluates a one-row matrix
+    product with a fused matrix-vector kernel that rounds differently from the matrix-matrix
+    one, which would break bit-for-bit equality across chunk sizes; so every chunk is padded to
+    a multiple of twice the device count (one program serves all chunks) and the padding is
+    discarded. With several devices the path axis is sharded over a 1-D mesh.
+    ``progress=None``: a tqdm bar only on a terminal and with several chunks.
+    """
+    chunk_size = min(chunk_size, n_paths)
+    devices = jax.local_devices()
+    width = 2 * len(devices)
+    padded = math.ceil(chunk_size / width) * width
+    sharding = None
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
+    field, swept, batch_size = sweep if sweep is not None else (None, None, None)
+    axis = 0 if sweep is None else 1  # the path axis of every output
+    n_chunks = math.ceil(n_paths / chunk_size)
+    if progress is None:
+        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
+    chunks = []
+    starts = range(0, n_paths, chunk_size)
+    for start in tqdm(starts, total=n_chunks, disable=not progress, desc=desc):
+        ids = jnp.arange(start, start + padded)  # global path indices; the tail is padding
+        if sharding is not None and not _is_traced(ids):
+            ids = jax.device_put(ids, sharding)
+        out = _run_chunk(path_fn, system, field, swept, batch_size, args, ids)
+        valid = min(chunk_size, n_paths - start)
+        if valid < padded:
+            out = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, valid, axis=axis), out)
+        chunks.append(out)
+    if n_chunks == 1:
+        return chunks[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *chunks)
