@@ -113,6 +113,28 @@ class Ensemble(eqx.Module):
     def n_paths(self) -> int:
         return self.diverged.shape[-1]
 
+    def at(self, g: int) -> "Ensemble":
+        """The ensemble of grid point ``g`` of a sweep: what a plain ``simulate`` call with the
+        ``g``-th module returns (bit for bit with the default ``Sweep(batch_size=None)``)."""
+        if self.grid_name is None:
+            raise ValueError("This ensemble has no grid (it was not run with an lspsde.Sweep).")
+        pick = lambda x: None if x is None else jax.tree.map(lambda a: a[g], x)
+        return Ensemble(
+            theta=pick(self.theta),
+            final_theta=pick(self.final_theta),
+            energy=pick(self.energy),
+            loss=pick(self.loss),
+            diverged=pick(self.diverged),
+            divergence_step=pick(self.divergence_step),
+            steps=self.steps,
+            grid=None,
+            n_steps=self.n_steps,
+            save_every=self.save_every,
+            save=self.save,
+            divergence_threshold=self.divergence_threshold,
+            chunk_size=self.chunk_size,
+        )
+
     def alive(self) -> Bool[Array, "*grid path step"]:
         """Whether each path is still alive (not diverged) at each saved step."""
         d = self.divergence_step[..., None]

@@ -69,7 +69,7 @@ from .exponents import mean_log_norm, stability_exponents
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
 from .parameter import AbstractParameterFlow
-from .profile import NormOptions, learning_profile
+from .profile import DEPTH_BLOCKS, TIME_BLOCKS, NormOptions, learning_profile
 from .system import LearningSystem
 
 __all__ = ["EXPONENT_NAMES", "ExponentDistribution", "exponent_distribution"]
@@ -87,17 +87,8 @@ EXPONENT_NAMES = (
 )
 """The per-path variables summarised by [`ExponentDistribution.summary`][] (those present)."""
 
-_PROFILE_NAMES = (
-    "sigma_theta",
-    "sigma_u",
-    "cum_theta",
-    "cum_u",
-    "log_cum_theta",
-    "log_cum_u",
-    "loss",
-    "energy",
-)
-_DEPTH_NAMES = ("sigma_x", "cum_x")
+_PROFILE_NAMES = (*TIME_BLOCKS, "energy")
+_DEPTH_NAMES = DEPTH_BLOCKS
 
 
 class ExponentDistribution(eqx.Module):

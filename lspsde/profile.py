@@ -36,6 +36,18 @@ from .system import LearningSystem, parameter_trajectory
 Method = Literal["auto", "lanczos", "power", "dense"]
 _METHODS = ("auto", "lanczos", "power", "dense")
 DENSE_MAX = 256  # "auto": representation blocks up to this width are computed exactly
+TIME_BLOCKS = (
+    "sigma_theta",
+    "sigma_u",
+    "cum_theta",
+    "cum_u",
+    "log_cum_theta",
+    "log_cum_u",
+    "loss",
+)
+"""The profile's blocks over training time (dims ``(step,)``), as written to results."""
+DEPTH_BLOCKS = ("sigma_x", "cum_x")
+"""The profile's depth blocks (dims ``(step, layer)``)."""
 
 
 class NormOptions(eqx.Module):

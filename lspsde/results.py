@@ -25,7 +25,7 @@ from ._simulate import Ensemble
 from .distributions import ExponentDistribution
 from .energy import Dissipation, RecursionFit
 from .exponents import StabilityExponents, stability_exponents
-from .profile import StabilityProfile
+from .profile import DEPTH_BLOCKS, TIME_BLOCKS, StabilityProfile
 
 __all__ = ["to_datatree"]
 
@@ -105,19 +105,11 @@ def _(obj: StabilityProfile, *, attrs: dict | None = None):
         )
     steps = np.asarray(obj.steps)
     data = {}
-    for name in (
-        "sigma_theta",
-        "sigma_u",
-        "cum_theta",
-        "cum_u",
-        "log_cum_theta",
-        "log_cum_u",
-        "loss",
-    ):
+    for name in TIME_BLOCKS:
         value = getattr(obj, name)
         if value is not None:
             data[name] = (("step",), np.asarray(value))
-    for name in ("sigma_x", "cum_x"):
+    for name in DEPTH_BLOCKS:
         value = getattr(obj, name)
         if value is not None:
             data[name] = (("step", "layer"), np.asarray(value))

@@ -55,6 +55,7 @@ from ..linalg import hessian_extreme_eigenvalues
 from ..noise import IsotropicGaussian, MinibatchNoise, NoNoise, StudentTNoise
 from ..objectives import SupervisedLoss, parameters
 from ..parameter import SGD, GradientDescent
+from ..sweep import Sweep
 from ..system import LearningSystem, parameter_trajectory
 from .runner import Check, Experiment
 from .schema import ContinuousLimit
@@ -138,17 +139,25 @@ def run(cfg: ContinuousLimit, key, progress: bool) -> xr.Dataset:
         no_limit = None
         if heavy:
             note = "infinite noise variance: E f(theta) is infinite, no order is fitted; "
+        # Each flow's eta grid is one compiled program, common random numbers across eta.
+        sweep = lambda flow: Sweep.of(flow, etas, name="eta")
+        sgd_grid = simulate(objective, sweep(SGD), noise, theta0, **sim)
+        gf_grid = simulate(objective, sweep(GradientFlow), NoNoise(), theta0,
+                           **{**sim, "n_paths": 1})  # fmt: skip
+        try:
+            sde_grid = simulate(objective, sweep(SGDLimit), noise, theta0, **sim)
+        except ValueError as err:  # no covariance: the diffusion limit does not exist
+            no_limit, sde_grid = str(err).split(", so")[0], None
         for j, k in enumerate(ks):
             eta = float(etas[j])
             out["eta"][i, j], out["k"][i, j] = eta, k
-            sgd = simulate(objective, SGD(eta), noise, theta0, **sim)
+            sgd = sgd_grid.at(j)
             div = np.asarray(sgd.diverged) & (np.asarray(sgd.divergence_step) <= k)
             out["diverged_fraction"][i, j] = float(np.mean(div))
             out["valid"][i, j] = float(
                 stable[j] and out["diverged_fraction"][i, j] == 0 and not heavy
             )
-            gf = simulate(objective, GradientFlow(eta), NoNoise(), theta0,
-                          **{**sim, "n_paths": 1})  # fmt: skip
+            gf = gf_grid.at(j)
             gf_vals = np.asarray(getattr(gf, f))[0]
             sgd_vals = np.where(np.asarray(sgd.alive()), np.asarray(getattr(sgd, f)), np.nan)
             m = np.nanmean(sgd_vals[:, k])
@@ -157,13 +166,9 @@ def run(cfg: ContinuousLimit, key, progress: bool) -> xr.Dataset:
             out["weak_ode_se"][i, j] = np.nanstd(sgd_vals[:, k], ddof=1) / math.sqrt(
                 max(n_alive, 1)
             )
-            try:
-                limit = SGDLimit(eta)
-                sde = simulate(objective, limit, noise, theta0, **sim)
-            except ValueError as err:  # no covariance: the diffusion limit does not exist
-                no_limit = str(err).split(", so")[0]
+            sde = None if sde_grid is None else sde_grid.at(j)
+            if sde is None:
                 out["limit_defined"][i, j] = 0.0
-                sde = None
             else:
                 out["limit_defined"][i, j] = 1.0
                 paired = noise.gaussian_draws

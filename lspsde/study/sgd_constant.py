@@ -38,6 +38,7 @@ from .._simulate import saved_steps, simulate
 from ..energy import fit_recursion, quadratic_mean_square
 from ..noise import GaussianNoise
 from ..parameter import SGD
+from ..sweep import Sweep
 from . import _mc
 from .runner import Check, Experiment
 from .schema import SGDConstant
@@ -160,21 +161,23 @@ def run(cfg: SGDConstant, key, progress: bool) -> xr.Dataset:
             "diverged",
         )
     }
-    for i in tqdm(range(n_r), disable=not progress, desc="sgd_constant"):
+    # The whole eta grid is one compiled program, with common random numbers across eta.
+    grid = simulate(
+        objective,
+        Sweep.of(SGD, etas, name="eta"),
+        noise,
+        jnp.asarray(theta0),
+        key=k_sim,
+        n_paths=cfg.n_paths,
+        n_steps=cfg.n_steps,
+        save_every=cfg.save_every,
+        save="summary",
+        divergence_threshold=cfg.divergence_threshold,
+        progress=progress,
+    )
+    for i in tqdm(range(n_r), disable=not progress, desc="sgd_constant fits"):
         eta = float(etas[i])
-        ens = simulate(
-            objective,
-            SGD(eta),
-            noise,
-            jnp.asarray(theta0),
-            key=k_sim,  # common random numbers across eta
-            n_paths=cfg.n_paths,
-            n_steps=cfg.n_steps,
-            save_every=cfg.save_every,
-            save="summary",
-            divergence_threshold=cfg.divergence_threshold,
-            progress=False,
-        )
+        ens = grid.at(i)
         est = ens.mean_energy()
         mean, sem = np.asarray(est.mean), np.asarray(est.sem)
         out["mean"][i], out["div_frac"][i] = mean, np.asarray(est.diverged_fraction)

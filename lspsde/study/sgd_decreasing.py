@@ -40,6 +40,7 @@ from .._simulate import saved_steps, simulate
 from ..noise import GaussianNoise
 from ..parameter import SGD
 from ..schedules import RobbinsMonro
+from ..sweep import Sweep
 from ..system import LearningSystem
 from . import _mc
 from .runner import Check, Experiment
@@ -104,6 +105,25 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
     level_c = _mc.family_level(cfg.level, 3 * n_cases)
     tail_start = int(0.8 * (n_s - 1))
     decade = steps >= cfg.n_steps / 10
+    schedules = list(itertools.product(range(c_mus.size), range(ps.size)))
+    # One compiled program per noise level sigma1 (sigma1 = 0 and > 0 are different static
+    # models): the (c mu, p) grid of schedules is a sweep with common random numbers.
+    runs = {
+        s: simulate(
+            objective,
+            Sweep([SGD(RobbinsMonro(c_mus[a] / cfg.mu, cfg.t0, ps[b])) for a, b in schedules]),
+            GaussianNoise(cfg.sigma0, float(s1s[s])),
+            jnp.asarray(theta0),
+            key=k_sim,
+            n_paths=cfg.n_paths,
+            n_steps=cfg.n_steps,
+            save_every=cfg.save_every,
+            divergence_threshold=cfg.divergence_threshold,
+            save="summary",
+            progress=progress,
+        )
+        for s in range(s1s.size)
+    }
     grid = list(itertools.product(*(range(n) for n in shape)))
     for a, b, s in tqdm(grid, disable=not progress, desc="sgd_decreasing"):
         c, p, sigma1 = float(c_mus[a] / cfg.mu), float(ps[b]), float(s1s[s])
@@ -111,22 +131,7 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
         schedule = RobbinsMonro(c, cfg.t0, p)
         eta = c / (steps + cfg.t0) ** p  # the schedule at the saved steps
         noise = GaussianNoise(cfg.sigma0, sigma1)
-        sim = dict(
-            key=k_sim,
-            n_steps=cfg.n_steps,
-            save_every=cfg.save_every,
-            divergence_threshold=cfg.divergence_threshold,
-            progress=False,
-        )
-        ens = simulate(
-            objective,
-            SGD(schedule),
-            noise,
-            jnp.asarray(theta0),
-            n_paths=cfg.n_paths,
-            save="summary",
-            **sim,
-        )
+        ens = runs[s].at(schedules.index((a, b)))
         est = ens.mean_energy()
         mean, sem = np.asarray(est.mean), np.asarray(est.sem)
         energy, valid = np.asarray(ens.energy), ~np.asarray(ens.diverged)
