@@ -60,14 +60,23 @@ class AbstractParameterFlow(eqx.Module):
         r"""Check, before anything is compiled, that this flow fits the objective and noise."""
 
 
-class GradientDescent(AbstractParameterFlow):
-    r"""$\theta^{t+1} = \theta^t - \eta_t G$ (eq. 5.1): full-batch gradient descent with the
-    default noise model, SGD with a stochastic one.
+class SGD(AbstractParameterFlow):
+    r"""(Stochastic) gradient descent $\theta^{t+1} = \theta^t - \eta_t G(\theta^t, u^t)$
+    (eq. 5.1).
+
+    The stochastic gradient $G$ comes from the noise model: exact gradients (``NoNoise``, the
+    default of a ``LearningSystem``) give full-batch gradient descent; ``GaussianNoise``,
+    minibatch sampling, ... give SGD. For piecewise-smooth objectives (``jnp.abs``, ``relu``,
+    ``max``) ``jax.grad`` returns one element of the Clarke subdifferential at a kink, so the
+    same update is the (stochastic) subgradient method of Section 6; decreasing steps
+    (``RobbinsMonro``) are then the usual choice. ``GradientDescent`` and ``SubgradientMethod``
+    are other names of this one class.
 
     **Arguments:**
 
-    - `step_size`: a number $\eta > 0$ (constant schedule) or an
-      ``lspsde.schedules.AbstractSchedule`` such as ``RobbinsMonro``.
+    - `step_size`: one real number $\eta > 0$ (a constant schedule, Theorem 5.2) or an
+      ``lspsde.schedules.AbstractSchedule`` such as ``RobbinsMonro(c, t0, p)`` (Theorem 5.3).
+      An array of step sizes is refused: a grid of values is an ``lspsde.Sweep``.
     """
 
     step_size: AbstractSchedule
@@ -76,45 +85,13 @@ class GradientDescent(AbstractParameterFlow):
         self.step_size = as_schedule(step_size)
 
     def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
-        return _descent(self.step_size, t, theta, grad)
+        eta = self.step_size(t)
+        return jax.tree.map(lambda p, g: p - eta * g, theta, grad)
 
 
-def _descent(step_size: AbstractSchedule, t: ArrayLike, theta, grad):
-    eta = step_size(t)
-    return jax.tree.map(lambda p, g: p - eta * g, theta, grad)
+GradientDescent = SGD
+"""Full-batch gradient descent: [`SGD`][] (with the default exact-gradient noise)."""
 
-
-class SGD(AbstractParameterFlow):
-    r"""Stochastic gradient descent $\theta^{t+1} = \theta^t - \eta_t G(\theta^t, u^t)$ (eq. 5.1).
-
-    The update rule is that of [`GradientDescent`][]; the stochastic gradient $G$ comes from the
-    noise model (``lspsde.GaussianNoise``, minibatch sampling, ...). Use a number for a constant
-    step (Theorem 5.2) or ``RobbinsMonro(c, t0, p)`` for decreasing steps (Theorem 5.3).
-    """
-
-    step_size: AbstractSchedule
-
-    def __init__(self, step_size: "float | Array | AbstractSchedule"):
-        self.step_size = as_schedule(step_size)
-
-    def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
-        return _descent(self.step_size, t, theta, grad)
-
-
-class SubgradientMethod(AbstractParameterFlow):
-    r"""The (stochastic) subgradient method $\theta^{t+1} = \theta^t - \eta_t g^t$,
-    $g^t \in \partial_C \mathcal{L}(\theta^t)$ + noise (Section 6).
-
-    For piecewise-smooth objectives built from ``jnp.abs``, ``relu``, ``max`` and the like,
-    ``jax.grad`` returns one element of the Clarke subdifferential at a kink (the convention of
-    each primitive), which is what this update uses. Decreasing steps (``RobbinsMonro``) are the
-    usual choice: with a constant step the iterates only reach a neighbourhood of the minimiser.
-    """
-
-    step_size: AbstractSchedule
-
-    def __init__(self, step_size: "float | Array | AbstractSchedule"):
-        self.step_size = as_schedule(step_size)
-
-    def __call__(self, t: ArrayLike, theta: PyTree[Array], grad: PyTree[Array]) -> PyTree[Array]:
-        return _descent(self.step_size, t, theta, grad)
+SubgradientMethod = SGD
+"""The (stochastic) subgradient method of Section 6: [`SGD`][] (``jax.grad`` picks a Clarke
+subgradient at kinks)."""

@@ -108,7 +108,7 @@ def test_bad_sweeps_are_refused():
     with pytest.raises(ValueError, match="at least one"):
         lspsde.Sweep([])
     with pytest.raises(TypeError, match="one type"):
-        lspsde.Sweep([lspsde.SGD(0.1), lspsde.GradientDescent(0.1)])
+        lspsde.Sweep([lspsde.SGD(0.1), lspsde.GradientFlow(0.1)])
     with pytest.raises(ValueError, match="static setting"):
         lspsde.Sweep([lspsde.GaussianNoise(0.1, 0.0), lspsde.GaussianNoise(0.1, 0.5)])
     with pytest.raises(ValueError, match="one coordinate per grid point"):
