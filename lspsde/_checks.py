@@ -96,3 +96,23 @@ def check_callable(name: str, value: Any) -> None:
 def is_finite_number(value: Any) -> bool:
     v = _concrete(value)
     return v is not None and math.isfinite(v)
+
+
+def symmetry_tolerance(M: np.ndarray) -> float:
+    """Asymmetry allowed in a symmetric input: sqrt(eps) relative to the largest entry (a
+    float32 Hessian from ``jax.hessian`` is symmetric to about 1e-7, not to 1e-12)."""
+    return float(np.sqrt(np.finfo(M.dtype).eps) * max(1.0, np.max(np.abs(M), initial=0.0)))
+
+
+def check_symmetric(name: str, M: Any) -> None:
+    """Raise ``ValueError`` if concrete ``M`` is not symmetric to ``symmetry_tolerance``."""
+    Mc = _concrete_array(M)
+    if Mc is None:
+        return
+    Mc = np.asarray(M)
+    asym = float(np.max(np.abs(Mc - Mc.T), initial=0.0))
+    if asym > symmetry_tolerance(Mc):
+        raise ValueError(
+            f"`{name}` is not symmetric (max |H - H^T| = {asym:.3g}); a Hessian is "
+            "symmetric. Pass (H + H^T) / 2 if the asymmetry is intended to be dropped."
+        )

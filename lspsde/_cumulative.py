@@ -20,8 +20,8 @@ every neighbour to one point), never from overflow or underflow.
 
 For the temporal block $J_u v = \sum_{s<t} A_{t-1}\cdots A_{s+1} B_s v_s$
 ($B_s = \partial\mathcal{A}_s/\partial u$) the forward recursion $w \leftarrow A_s w + B_s v_s$
-is carried as $e^{c} w$ with both terms scaled by $e^{-\max(c, 0)}$ before they are added, and
-the transpose returns each $B_s^\top \lambda_{s+1}$ with its own log-scale.
+is carried as $e^{c} w$: the two terms are normalised apart and added at the larger of their two
+scales, and the transpose returns each $B_s^\top \lambda_{s+1}$ with its own log-scale.
 
 Each product costs one JVP (or VJP) of the one-step map per step up to $t$, linearising the step
 afresh (the tangent cannot be carried through a stored linearisation of the whole $t$-step map
@@ -35,7 +35,8 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PyTree
 
-from .linalg import _default_v0, _operator_norm_impl
+from .linalg.krylov import default_v0
+from .linalg.norms import operator_norm_impl
 
 __all__ = ["log_cumulative_norms"]
 
@@ -54,7 +55,7 @@ def _normalise(z: Array) -> tuple[Array, Array]:
 def _log_norm(mv, rmv, n: int, dtype, method: str, max_steps: int, rtol: float):
     r"""$\log\|J\|_2$ from log-domain products ``mv(v) -> (w, c)``, ``rmv(y) -> (w, c)`` with
     $Jv = e^c w$ (see the module docstring)."""
-    v0 = _default_v0(None, n, dtype)
+    v0 = default_v0(None, n, dtype)
     _, S = mv(v0)
     S = jnp.where(jnp.isfinite(S), S, 0.0)  # J v0 = 0 (or a non-finite J: NaN follows anyway)
     scaled = lambda f: lambda x: (lambda w, c: jnp.exp(c - S) * w)(*f(x))
@@ -62,7 +63,7 @@ def _log_norm(mv, rmv, n: int, dtype, method: str, max_steps: int, rtol: float):
         J = jax.vmap(scaled(mv), out_axes=1)(jnp.eye(n, dtype=dtype))
         sigma, ok = jnp.linalg.svd(J, compute_uv=False)[0], jnp.array(True)
     else:
-        res = _operator_norm_impl(scaled(mv), scaled(rmv), v0, method, max_steps, rtol)
+        res = operator_norm_impl(scaled(mv), scaled(rmv), v0, method, max_steps, rtol)
         sigma, ok = res.value, res.converged
     log_sigma = S + jnp.log(sigma)
     nan = jnp.isnan(log_sigma) | (log_sigma == jnp.inf)
@@ -142,12 +143,16 @@ def log_cumulative_norms(
 
         def body(carry, s):
             w, c = carry
-            top = jnp.maximum(c, 0.0)
-            tangent = (jnp.exp(c - top) * w, jnp.exp(-top) * vs[s])
-            _, jw = jax.jvp(
-                lambda th, u: flat_step_u(s, th, u), (flat_thetas[s], flat_us[s]), tangent
-            )
-            wn, dc = _normalise(jw)
+            # A_s (e^c w) + B_s v_s with the two terms normalised apart and added at the
+            # larger scale: neither can overflow, and a vanishing e^c never flushes to zero
+            # (clamping the scale at 1 would lose everything below e^-745).
+            _, lin = jax.linearize(lambda th, u: flat_step_u(s, th, u), flat_thetas[s], flat_us[s])
+            wa, ca = _normalise(lin(w, jnp.zeros(m, dtype)))
+            wb, cb = _normalise(lin(jnp.zeros(d, dtype), vs[s]))
+            ca = c + ca
+            top = jnp.maximum(ca, cb)
+            top = jnp.where(jnp.isfinite(top), top, 0.0)
+            wn, dc = _normalise(jnp.exp(ca - top) * wa + jnp.exp(cb - top) * wb)
             on = s < t
             return (jnp.where(on, wn, w), jnp.where(on, top + dc, c)), None
 

@@ -6,7 +6,8 @@ It owns every piece of running many paths of a learning system:
 - **start checks** ([`check_run`][], [`check_start`][], [`check_key`][], [`check_step`][]), the
   same for every entry point and run before anything compiles. Values that are traced (a sweep
   built inside ``jax.vmap``, a ``jax.jit`` around the call) cannot be checked before tracing;
-  their checks are skipped, never turned into a crash;
+  their checks are skipped, never turned into a crash (the run's settings, such as the counts
+  and ``divergence_threshold``, must be concrete);
 - the **divergence-guarded step** ([`guarded_step`][]): a path whose $\theta^t$ is not finite
   or leaves the ball $\|\theta\| \le$ ``divergence_threshold`` is frozen and its step recorded;
 - the **saved steps** $0, s, 2s, \dots, T$ ([`saved_steps`][]);
@@ -18,7 +19,8 @@ It owns every piece of running many paths of a learning system:
 - **chunks and sharding** ([`run_ensemble`][]): paths run in chunks (all padded to one shape,
   so one program serves every chunk), the path axis sharded over the local devices, and a
   **sweep** (a batch of flows or noise models, [`lspsde.Sweep`][]) adds a leading grid axis
-  that is one more ``vmap`` inside the same compiled program.
+  that is a ``lax.map`` (``vmap``-ed ``batch_size`` points at a time) inside the same compiled
+  program.
 """
 
 from collections.abc import Callable
@@ -141,6 +143,7 @@ def check_start(
             + (" (the theory is stated over the reals)." if kind == "complex" else ".")
         )
     theta0 = jax.tree.map(jnp.asarray, theta0)
+    leaves = jax.tree.leaves(theta0)  # as converted: e.g. 1e39 is inf in float32
     concrete = [np.asarray(a) for a in leaves if not _is_traced(a)]
     if len(concrete) < len(leaves):
         return theta0  # traced: checked where it is used (divergence is data)
@@ -301,7 +304,7 @@ class MemoryPlan(NamedTuple):
         fit in ``limit`` bytes (default: [`available_memory`][])."""
         limit = available_memory() if limit is None else limit
         result = self.result_per_path * n_paths
-        smallest = self.work_per_path * 2 * len(jax.local_devices())
+        smallest = self.work_per_path * 2  # two paths on each device at the least
         if result > limit or smallest > limit:
             size, part = (
                 (result, f"the result ({self.what}) alone")

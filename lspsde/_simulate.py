@@ -267,7 +267,7 @@ def masked_mean(
     return mean, jnp.sqrt(var / n)
 
 
-def _path(system, theta0, key, threshold, n_steps, save_every, keep_theta, p) -> dict:
+def simulate_path(system, theta0, key, threshold, n_steps, save_every, keep_theta, p) -> dict:
     r"""One path: $\theta^0 \to \theta^T$ with divergence freezing, recorded every ``save_every``.
 
     A nested scan (outer over saved blocks, inner over the ``save_every`` steps of a block)
@@ -307,22 +307,24 @@ def _path(system, theta0, key, threshold, n_steps, save_every, keep_theta, p) ->
 
 
 def memory_plan(
-    n_params: int, n_saved: int, itemsize: int, keep: bool, grid: int = 1
+    n_params: int, n_saved: int, itemsize: int, keep: bool, grid: int = 1, batch: int = 1
 ) -> MemoryPlan:
-    r"""The memory of one path of ``simulate`` (times ``grid`` grid points).
+    r"""The memory of one path of ``simulate``, over ``grid`` grid points run ``batch`` at a
+    time.
 
     Result: ``n_saved`` copies of $\theta$ with ``save="trajectory"``, energy and loss per saved
-    step, and $\theta^T$. Working set: the saved outputs counted twice (scan buffers and their
-    concatenation) and eight parameter-sized buffers for one step ($\theta$, $u$, $G$, the
-    candidate, RNG bits). Memory the objective needs internally (e.g. activations over a data
-    set) is not counted: pass ``chunk_size`` for such models.
+    step, and $\theta^T$, for every grid point. Working set: the saved outputs counted twice
+    (scan buffers and their concatenation) for every grid point, and eight parameter-sized
+    buffers for one step ($\theta$, $u$, $G$, the candidate, RNG bits) for the ``batch`` grid
+    points that run at once. Memory the objective needs internally (e.g. activations over a
+    data set) is not counted: pass ``chunk_size`` for such models.
     """
-    result = itemsize * (n_saved * (n_params if keep else 0) + 2 * n_saved + n_params) + 16
-    work = itemsize * (2 * n_saved * (n_params if keep else 0) + 4 * n_saved)
-    work += itemsize * _STEP_BUFFERS * n_params
+    saved = n_saved * (n_params if keep else 0) + 2 * n_saved
+    result = itemsize * (saved + n_params) + 16
+    work = itemsize * (grid * 2 * saved + min(grid, batch) * _STEP_BUFFERS * n_params)
     return MemoryPlan(
         result_per_path=grid * result,
-        work_per_path=grid * work,
+        work_per_path=work,
         what="theta at every saved step" if keep else "energy, loss and final theta",
         fixes=(
             'Keep less: `save="summary"` (no trajectory), a larger `save_every`, fewer '
@@ -389,10 +391,11 @@ def simulate(
     - `objective`, `update`, `noise`: the learning system ($\mathcal{L}$, the update rule
       $\mathcal{A}_t$, the noise model). Their array fields (step sizes, noise levels) are traced:
       calling again with other values reuses the compiled program. Either `update` or `noise`
-      may be a [`Sweep`][lspsde.Sweep]: the grid runs as one compiled program (one more
-      ``vmap``), every array of the result gains a leading grid axis, and path $p$ draws the
-      same noise at every grid point (common random numbers).
-    - `theta0`: $\theta^0$, a pytree of inexact arrays, shared by all paths.
+      may be a [`Sweep`][lspsde.Sweep]: the grid runs as one compiled program (a ``lax.map``
+      over the grid, ``vmap``-ed ``Sweep.batch_size`` points at a time), every array of the
+      result gains a leading grid axis, and path $p$ draws the same noise at every grid point
+      (common random numbers).
+    - `theta0`: $\theta^0$, a pytree of real floating arrays, shared by all paths.
     - `key`: a JAX PRNG key.
     - `n_paths`, `n_steps`: the ensemble size and the horizon $T$.
     - `save_every`: record at steps $0, s, 2s, \dots$ and $T$.
@@ -409,7 +412,7 @@ def simulate(
       is more than one chunk.
 
     With several local devices the path axis of each chunk is sharded over a 1-D mesh of them
-    (the chunk is padded to a multiple of the device count).
+    (every chunk is padded to a multiple of twice the device count).
 
     **Memory.** The result size and the working set of the smallest chunk are computed from
     shapes before anything is traced ([`memory_plan`][]); a request that cannot fit in the
@@ -418,7 +421,8 @@ def simulate(
 
     **Inside ``jax.jit``/``jax.vmap``.** ``simulate`` may be traced (e.g.
     ``jax.vmap(lambda eta: simulate(obj, SGD(eta), ...))``): checks of traced values are then
-    skipped (a bad traced value shows up as diverged paths), every other check still runs.
+    skipped (a bad traced value shows up as diverged paths), every other check still runs;
+    the settings of the run (counts, ``save``, ``divergence_threshold``) must be concrete.
     A [`Sweep`][lspsde.Sweep] is the documented way to run a grid.
 
     **Returns:** an [`Ensemble`][lspsde.simulate.Ensemble].
@@ -446,16 +450,15 @@ def simulate(
     itemsize = max(jnp.result_type(a).itemsize for a in jax.tree.leaves(theta0))
     n_params = sum(a.size for a in jax.tree.leaves(theta0))
     keep_theta = save == "trajectory"
-    plan = memory_plan(
-        n_params, len(run.steps), itemsize, keep_theta, 1 if sweep is None else sweep.size
-    )
+    grid, batch = (1, 1) if sweep is None else (sweep.size, sweep.batch_size or 1)
+    plan = memory_plan(n_params, len(run.steps), itemsize, keep_theta, grid, batch)
     plan.check(run.n_paths)  # from shapes alone: refused before anything is traced
     check_step(system, theta0, key)
     chunk = run.chunk_size or plan.chunk_size(run.n_paths)
     chunk = min(chunk, run.n_paths)
     threshold = jnp.asarray(run.divergence_threshold, dtype=float)
     out = run_ensemble(
-        _path,
+        simulate_path,
         system,
         (theta0, key, threshold, run.n_steps, run.save_every, keep_theta),
         n_paths=run.n_paths,

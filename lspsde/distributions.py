@@ -26,16 +26,18 @@ applied to one profile (it is what runs per path).
 
 **Noise from counters.** Path $p$ uses the key ``fold_in(key, p)`` and step $t$ of that path
 ``fold_in(fold_in(key, p), t)``, exactly as [`simulate`][lspsde.simulate]: path $p$ here is
-path $p$ there, and ``learning_profile(system, theta0, n_steps, key=fold_in(key, p))`` is its
-profile. Results do not depend on ``chunk_size``.
+path $p$ there, and its profile is
+``learning_profile(system, theta0, key=fold_in(key, p), n_steps=n_steps)``. Results do not
+depend on ``chunk_size``.
 
 **Divergence is data.** A path is *diverged* if $\|\theta^t\|$ exceeds
-``divergence_threshold`` or is not finite at some step (the rule of ``simulate``), or if any of
-its profile blocks is not finite. Its numbers are kept (they may be ``inf``/``nan``) but every
-statistic ([`ExponentDistribution.summary`][], the ``/exponents`` group of
-[`ExponentDistribution.to_datatree`][]) uses the other paths only, and the count is reported.
-(With matrix-free norms, ``lspsde.linalg.jacobian_norm`` currently returns 0, not ``nan``, for a
-Jacobian with non-finite entries; the threshold rule is what catches such paths there.)
+``divergence_threshold`` or is not finite at some step (the rule of ``simulate``), or if its
+profile could not be computed: a one-step block not finite, or a log-domain cumulative block
+NaN (the cumulative sensitivities are exact in the log domain at any size, so an exploding
+sensitivity is a value, not a divergence; ``cum_theta = exp(log_cum_theta)`` may be ``inf``).
+Its numbers are kept but every statistic ([`ExponentDistribution.summary`][], the
+``/exponents`` group of [`ExponentDistribution.to_datatree`][]) uses the other paths only, and
+the count is reported.
 
 **Cost.** Each saved step costs two matrix-free norms through the whole $T$-step trajectory
 (see ``learning_profile``), so the work per path is $O(|S| \cdot T \cdot \text{max\_steps})$
@@ -60,11 +62,11 @@ from ._ensemble import (
     check_run,
     check_start,
     check_step,
-    guarded_step,
     named_leaves,
     run_ensemble,
     sq_norm,
 )
+from ._simulate import simulate_path
 from .exponents import mean_log_norm, stability_exponents
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
@@ -327,27 +329,6 @@ class ExponentDistribution(eqx.Module):
         return arviz_base.dataset_to_dataframe(out, sample_dims=["summary"]).T
 
 
-def _trajectory(system, theta0, k_p, threshold, n_steps):
-    r"""$\theta^0 \to \theta^T$ with ``simulate``'s divergence rule (freeze at the first step
-    with $\|\theta^t\|$ not $\le$ threshold); energies $\|\theta^t - \theta^*\|^2$ per step."""
-    theta_star = system.objective.minimizer()
-
-    def energy(theta):
-        if theta_star is None:
-            return jnp.zeros(())
-        return sq_norm(jax.tree.map(jnp.subtract, theta, theta_star))
-
-    guarded = guarded_step(system, k_p, threshold)
-
-    def step(carry, t):
-        carry = guarded(carry, t)
-        return carry, energy(carry[0])
-
-    init = (theta0, jnp.full((), -1, dtype=int))
-    (final, div_step), energies = jax.lax.scan(step, init, jnp.arange(n_steps))
-    return final, div_step, jnp.concatenate([energy(theta0)[None], energies])
-
-
 def _one_path(system, theta0, key, threshold, n_steps, save_every, norm, keep_final, p):
     k_p = jax.random.fold_in(key, p)
     method, max_steps, rtol = norm
@@ -362,7 +343,9 @@ def _one_path(system, theta0, key, threshold, n_steps, save_every, norm, keep_fi
         rtol=rtol,
     )
     ex = stability_exponents(profile)
-    final, div_step, energies = _trajectory(system, theta0, k_p, threshold, n_steps)
+    # simulate's path p: the divergence rule and the energies at every step
+    path = simulate_path(system, theta0, key, threshold, n_steps, 1, False, p)
+    final, div_step, energies = path["final_theta"], path["divergence_step"], path.get("energy")
     steps = profile.steps
     blocks = {
         "sigma_theta": profile.sigma_theta,
@@ -498,7 +481,7 @@ def exponent_distribution(
     - `chunk_size`: paths per compiled call (the last chunk is padded, so one program serves
       every chunk). Default: [`default_chunk_size`][] with a 1 GiB budget.
     - `divergence_threshold`: a path diverges at the first $t$ with $\|\theta^t\| >$ threshold
-      or $\theta^t$ not finite (as in ``simulate``), or when its profile is not finite.
+      or $\theta^t$ not finite (as in ``simulate``), or when its profile cannot be computed.
     - `method`, `max_steps`, `rtol`: how the operator norms are computed (as in
       ``learning_profile``: ``"auto"``, ``"lanczos"``, ``"power"`` or ``"dense"``).
     - `keep_final`: keep $\theta^T$ of every path (``n_paths`` copies of $\theta$).
@@ -514,9 +497,11 @@ def exponent_distribution(
     into matrix-matrix products and is much faster. ``method="dense"`` is exact and compiles
     faster for small $d$.
 
-    **Raises:** ``TypeError``/``ValueError`` before anything is compiled for: wrong object
-    types, non-positive or non-integer counts, ``save_every > n_steps``, a bad norm option,
-    ``divergence_threshold <= 0``, a ``theta0`` that is not floating, not finite, beyond the
+    **Raises:** ``MemoryError`` before anything is traced when the result or the smallest
+    chunk cannot fit ([`memory_plan`][]); ``TypeError``/``ValueError`` before anything is
+    compiled for: wrong object types, non-positive or non-integer counts,
+    ``save_every > n_steps``, a bad norm option,
+    ``divergence_threshold <= 0``, a ``theta0`` that is not real floating, not finite, beyond the
     threshold, or that one update step does not map to its own shape, or a noise model whose
     ``check(objective, theta0)`` fails.
     """

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 import numpy as np
 
-from ._checks import check_in_interval, check_positive, check_positive_int
+from ._checks import check_in_interval, check_positive, check_positive_int, check_symmetric
 
 
 class MeanSquare(eqx.Module):
@@ -108,13 +108,7 @@ def quadratic_mean_square(
     d = e0.shape[0]
     if H.shape != (d, d):
         raise ValueError(f"`hessian` must be ({d}, {d}) to match e0, got {H.shape}.")
-    if not isinstance(H, jax.core.Tracer):
-        asym = float(jnp.max(jnp.abs(H - H.T)))
-        if not asym <= 1e-12 * max(float(jnp.max(jnp.abs(H))), 1e-300):
-            raise ValueError(
-                f"`hessian` must be symmetric (a Hessian is), but max|H - H^T| = {asym:.3g}; "
-                "pass the symmetric part 0.5 * (H + H.T) if that is what you mean."
-            )
+    check_symmetric("hessian", hessian)
     check_positive("eta", eta)
     check_positive("sigma0", sigma0, allow_zero=True)
     check_positive("sigma1", sigma1, allow_zero=True)

@@ -13,6 +13,7 @@ at grid point $g$ is bit for bit the path $p$ of a plain ``simulate`` with the $
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -37,10 +38,18 @@ def _stack(modules: Sequence[eqx.Module]) -> eqx.Module:
                 f"element {i} is {type(modules[i]).__name__}."
             )
         if jax.tree.structure(a) != structure or not eqx.tree_equal(s, statics[0]):
+            fields = [
+                f.name
+                for f in dataclasses.fields(modules[0])
+                if not eqx.tree_equal(getattr(modules[i], f.name), getattr(modules[0], f.name))
+                and not eqx.is_array(getattr(modules[0], f.name))
+            ]
             raise ValueError(
                 f"Element {i} of the sweep differs from element 0 in more than its array "
-                "values (its structure or a static setting such as a solver or a count); a "
-                "sweep varies array fields only. Run such grids as separate calls."
+                f"values: in {fields or 'its structure'} (a static setting such as a solver, "
+                "a count or a flag derived from a value, e.g. GaussianNoise's state_dependent "
+                "= sigma1 != 0). A sweep varies array fields only: run such grid points as "
+                "separate sweeps."
             )
         for leaf, first in zip(jax.tree.leaves(a), jax.tree.leaves(arrays[0]), strict=True):
             if leaf.shape != first.shape or leaf.dtype != first.dtype:

@@ -17,7 +17,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 import numpy as np
 import optimistix as optx
 
-from lspsde._checks import _concrete_array, check_positive, check_positive_int
+from lspsde._checks import _concrete_array, check_positive, check_positive_int, check_symmetric
 from lspsde._custom_types import ScalarLike
 from lspsde.objectives import AbstractObjective
 from lspsde.representation import Feedforward
@@ -33,11 +33,6 @@ __all__ = [
     "synthetic_regression",
     "teacher_student",
 ]
-
-
-def _sym_tol(M: np.ndarray) -> float:
-    """Asymmetry allowed in a symmetric input: sqrt(eps) relative to the largest entry."""
-    return float(np.sqrt(np.finfo(M.dtype).eps) * max(1.0, np.max(np.abs(M), initial=0.0)))
 
 
 class _KnownConstants(AbstractObjective):
@@ -87,14 +82,7 @@ class Quadratic(_KnownConstants):
                 f"`minimizer` must have shape ({H.shape[0]},) to match the Hessian, got "
                 f"{theta_star.shape}."
             )
-        Hc = _concrete_array(H)
-        if Hc is not None:
-            asym = float(np.max(np.abs(Hc - Hc.T), initial=0.0))
-            if asym > _sym_tol(Hc):
-                raise ValueError(
-                    f"`hessian` is not symmetric (max |H - H^T| = {asym:.3g}); a Hessian is "
-                    "symmetric. Pass (H + H^T) / 2 if the asymmetry is intended to be dropped."
-                )
+        check_symmetric("hessian", H)
         H = 0.5 * (H + H.T)
         eigs = jnp.linalg.eigvalsh(H)
         lam_min = _concrete_array(eigs[0])

@@ -325,3 +325,21 @@ def test_continuous_limits_sweep_with_a_static_substep_count():
     np.testing.assert_allclose(flow.theta[0], exact, rtol=1e-6)
     with pytest.raises(ValueError, match="not both"):
         lspsde.SGDLimit(0.2, dt=0.05, n_substeps=4)
+
+
+def test_a_vanishing_temporal_sensitivity_does_not_underflow():
+    # theta^{s+1} = theta^s / 2 + [s = 0] u^s: d theta^t / d u^{0:t} = 2^-(t-1) exactly, far
+    # below the float range at t = 1200 (log = -831.1), where the scale used to flush to 0;
+    # d theta^t / d theta^0 = 2^-t.
+    # The kick acts at step 0 only, through the step counter of the flow.
+    class KickedHalving(lspsde.AbstractParameterFlow):
+        def __call__(self, t, theta, grad):
+            return 0.5 * theta + jnp.where(t == 0, 1.0, 0.0) * (grad - theta)
+
+    obj = Quadratic(jnp.eye(1), jnp.zeros(1))  # grad = theta: grad - theta = u below
+    noise = lspsde.IsotropicGaussian(1.0)  # G = theta + u: d/du = 1 at step 0
+    system = lspsde.LearningSystem(obj, KickedHalving(), noise)
+    T = 1200
+    prof = lspsde.learning_profile(system, jnp.ones(1), key=KEY, n_steps=T, save_every=T)
+    np.testing.assert_allclose(prof.log_cum_u[-1], -(T - 1) * np.log(2.0), rtol=1e-12)
+    np.testing.assert_allclose(prof.log_cum_theta[-1], -T * np.log(2.0), rtol=1e-12)
