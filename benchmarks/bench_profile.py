@@ -629,7 +629,13 @@ def main():
             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
             "load_average_before": os.getloadavg(),
             "library_sha256_16": {
-                name: _file_digest(lib / name) for name in ("profile.py", "linalg.py")
+                name: _file_digest(lib / name)
+                for name in (
+                    "profile.py",
+                    "_cumulative.py",
+                    "linalg/norms.py",
+                    "linalg/golub_kahan.py",
+                )
             },
         },
         "settings": {
