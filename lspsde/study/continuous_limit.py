@@ -29,6 +29,7 @@ the exponent per unit depth converges to the ODE's.
 """
 
 import math
+from typing import Annotated, Literal
 
 import equinox as eqx
 import jax
@@ -36,6 +37,7 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 import xarray as xr
 
@@ -57,8 +59,42 @@ from ..objectives import SupervisedLoss, parameters
 from ..parameter import SGD, GradientDescent
 from ..sweep import Sweep
 from ..system import LearningSystem, parameter_trajectory
-from .runner import Check, Experiment
-from .schema import ContinuousLimit
+from .config import Grid, Level, PositiveFloat, PositiveInt, Strict
+from .experiment import Check, Experiment
+
+
+class ContinuousLimit(Strict):
+    """SGD against its SDE limit (Li-Tai-E) and its ODE limit over a grid of eta, with fitted
+    orders; residual networks against their neural-ODE limit over a grid of depths."""
+
+    eta_over_etamax: Grid(PositiveFloat, min_length=3) = [0.05, 0.1, 0.2, 0.4, 1.5]
+    horizon: PositiveFloat = 1.0
+    systems: list[Literal["quadratic", "least_squares", "two_layer", "heavy_tailed"]] = [
+        "quadratic",
+        "least_squares",
+        "two_layer",
+        "heavy_tailed",
+    ]
+    sigma: PositiveFloat = 0.5
+    dim: Annotated[int, Field(ge=2, le=64)] = 4
+    n_paths: Annotated[int, Field(ge=16)] = 2048
+    residual_depths: Grid(PositiveInt, min_length=3) = [4, 8, 16, 32, 64]
+    residual_horizon: PositiveFloat = 2.0
+    residual_dim: PositiveInt = 4
+    n_probes: PositiveInt = 8
+    level: Level = 0.95
+
+    @model_validator(mode="after")
+    def _enough_stable_steps(self):
+        if sum(r < 1 for r in self.eta_over_etamax) < 3:
+            raise ValueError(
+                f"eta_over_etamax = {self.eta_over_etamax} has fewer than 3 values below 1; an "
+                "order fit needs at least 3 steps where the limit theory applies"
+            )
+        if not self.systems:
+            raise ValueError("systems is empty; name at least one of the four systems")
+        return self
+
 
 SYSTEMS = ("quadratic", "least_squares", "two_layer", "heavy_tailed")
 
@@ -387,4 +423,11 @@ def figures(ds: xr.Dataset) -> dict:
     return {"errors": fig, "exponents": fig2, "residual": fig3}
 
 
-EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
+EXPERIMENT = Experiment(
+    name="continuous_limit",
+    config=ContinuousLimit,
+    run=run,
+    checks=checks,
+    figures=figures,
+    summary=summary,
+)

@@ -7,11 +7,14 @@ $\sup_x\|JF_\theta(x)\|_2 \le \rho^L$ and $\alpha_x = \frac1L\log\|JF\| \le \log
 identity activation, and with tanh at $x = 0$, every $D_k = I$ and the bound is attained.
 """
 
+from typing import Annotated, Literal
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from pydantic import Field
 from tqdm.auto import tqdm
 import xarray as xr
 
@@ -20,8 +23,25 @@ import models
 from .. import theory
 from ..exponents import sup_exponent
 from ..profile import representation_profile
-from .runner import Check, Experiment
-from .schema import FeedforwardSpectral
+from .config import Grid, NormConfig, PositiveFloat, PositiveInt, Strict
+from .experiment import Check, Experiment
+
+
+class FeedforwardSpectral(Strict):
+    """Theorem 4.1: measured forward exponent against log(rho) over a grid of rho and depth."""
+
+    rho: Grid(PositiveFloat)
+    depth: Grid(PositiveInt)
+    activation: list[Literal["relu", "tanh", "identity", "leaky_relu", "hard_tanh"]] = [
+        "identity",
+        "relu",
+        "tanh",
+    ]
+    width: PositiveInt = 32
+    n_probes: Annotated[int, Field(ge=2)] = 16
+    init: Literal["orthogonal", "spectral"] = "orthogonal"
+    norm: NormConfig = NormConfig()
+
 
 _THM = "Thm 4.1"
 
@@ -170,4 +190,11 @@ def figures(ds: xr.Dataset) -> dict:
     return {"alpha_vs_logrho": fig, "tightness": fig2}
 
 
-EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
+EXPERIMENT = Experiment(
+    name="feedforward_spectral",
+    config=FeedforwardSpectral,
+    run=run,
+    checks=checks,
+    figures=figures,
+    summary=summary,
+)

@@ -20,12 +20,14 @@ with infinite variance break Assumption 1: they are reported, never fitted throu
 """
 
 import math
+from typing import Annotated, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 import xarray as xr
 
@@ -45,8 +47,61 @@ from ..noise import (
 )
 from ..parameter import SGD
 from . import _mc
-from .runner import Check, Experiment
-from .schema import NoiseAblation
+from .config import Grid, Level, NonNegativeFloat, PositiveFloat, PositiveInt, Strict
+from .experiment import Check, Experiment
+
+NoiseKind = Literal[
+    "none",
+    "isotropic",
+    "anisotropic",
+    "gaussian",
+    "curvature",
+    "minibatch",
+    "student_t",
+    "alpha_stable",
+]
+
+
+class NoiseAblation(Strict):
+    """Every noise model on one least-squares problem at a matched noise level (Section 5)."""
+
+    noise: list[NoiseKind] = list(NoiseKind.__args__)
+    dim: PositiveInt = 5
+    n_examples: Annotated[int, Field(ge=2)] = 64
+    data_noise: PositiveFloat = 0.5
+    batch_size: PositiveInt = 8
+    eta_over_etamax: Annotated[float, Field(gt=0, lt=1)] = 0.4
+    initial_distance: PositiveFloat = 2.0
+    gaussian_sigma1: NonNegativeFloat = 0.3
+    student_df: Grid(PositiveFloat) = [5.0, 1.5]
+    stable_alpha: Grid(Annotated[float, Field(gt=1, le=2)]) = [1.5]
+    n_paths: Annotated[int, Field(ge=50)] = 1000
+    n_steps: Annotated[int, Field(ge=20)] = 1000
+    save_every: PositiveInt = 5
+    n_variance_draws: Annotated[int, Field(ge=100)] = 20000
+    level: Level = 0.99
+    divergence_threshold: Annotated[float, Field(gt=0, le=1e100)] = 1e8
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if len(set(self.noise)) != len(self.noise) or not self.noise:
+            raise ValueError(f"noise must list distinct models, got {self.noise}")
+        if self.n_examples < self.dim:
+            raise ValueError(
+                f"n_examples = {self.n_examples} < dim = {self.dim}: the least-squares "
+                "Hessian A^T A / n would be singular (mu = 0); use n_examples >= dim"
+            )
+        if self.batch_size > self.n_examples:
+            raise ValueError(
+                f"batch_size = {self.batch_size} exceeds n_examples = {self.n_examples}"
+            )
+        if self.n_steps < 20 * self.save_every:
+            raise ValueError(
+                f"n_steps = {self.n_steps} gives fewer than 20 saved steps with save_every = "
+                f"{self.save_every}"
+            )
+        return self
+
 
 _HOLDS = {True: 1, False: 0, None: -1}
 
@@ -388,4 +443,11 @@ def figures(ds: xr.Dataset) -> dict:
     return {"energy": fig}
 
 
-EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
+EXPERIMENT = Experiment(
+    name="noise_ablation",
+    config=NoiseAblation,
+    run=run,
+    checks=checks,
+    figures=figures,
+    summary=summary,
+)

@@ -14,12 +14,15 @@ exact $m$ and a conservative $M_g$: the measured boundary lies beyond $h_{\max}$
 says how conservative the CFL condition is).
 """
 
+from typing import Annotated, Literal
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optimistix as optx
+from pydantic import Field
 from tqdm.auto import tqdm
 import xarray as xr
 
@@ -27,8 +30,26 @@ import models
 
 from .. import theory
 from ..profile import representation_profile
-from .runner import Check, Experiment
-from .schema import ResidualCFL
+from .config import Grid, NormConfig, PositiveFloat, PositiveInt, Strict
+from .experiment import Check, Experiment
+
+
+class ResidualCFL(Strict):
+    """Lemma 4.2 / Theorem 4.3 / Corollary 4.4: sweep h across h_max and over dissipativity m."""
+
+    m: Grid(PositiveFloat)
+    M_g: PositiveFloat = 2.0
+    h_over_hmax: Grid(PositiveFloat, min_length=2)
+    kind: list[Literal["linear_shared", "linear", "nonlinear"]] = [
+        "linear_shared",
+        "linear",
+        "nonlinear",
+    ]
+    dim: PositiveInt = 16
+    depth: PositiveInt = 32
+    n_probes: PositiveInt = 8
+    nonlinear_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    norm: NormConfig = NormConfig()
 
 
 def _profile_at(norm, net, probes, h):
@@ -249,4 +270,11 @@ def figures(ds: xr.Dataset) -> dict:
     return {"phase_diagram": fig, "alpha_vs_h": fig2}
 
 
-EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
+EXPERIMENT = Experiment(
+    name="residual_cfl",
+    config=ResidualCFL,
+    run=run,
+    checks=checks,
+    figures=figures,
+    summary=summary,
+)

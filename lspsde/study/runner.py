@@ -5,7 +5,6 @@ hash of its configuration; a re-run with the same configuration loads it instead
 so an interrupted study resumes where it stopped and never loses finished work.
 """
 
-from collections.abc import Callable
 import dataclasses
 import datetime
 import hashlib
@@ -18,51 +17,15 @@ import matplotlib
 import xarray as xr
 
 from .. import __version__
+from . import Check, Experiment, registry
 from .schema import StudyConfig, load_study
 
 matplotlib.use("Agg")
 
 
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One row of the report: a theorem's prediction next to the measurement."""
-
-    theorem: str
-    case: str
-    predicted: str
-    measured: str
-    holds: bool | None
-    note: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """How to run one kind of experiment and how to read its dataset."""
-
-    run: Callable  # (config, key, progress: bool) -> xr.Dataset
-    checks: Callable  # (xr.Dataset) -> list[Check]
-    figures: Callable  # (xr.Dataset) -> dict[str, matplotlib.figure.Figure]
-    summary: Callable  # (xr.Dataset) -> str (Markdown paragraph)
-
-
 def _registry() -> dict[str, Experiment]:
-    from . import (
-        continuous_limit,
-        feedforward,
-        noise_ablation,
-        residual,
-        sgd_constant,
-        sgd_decreasing,
-    )
-
-    return {
-        "feedforward_spectral": feedforward.EXPERIMENT,
-        "residual_cfl": residual.EXPERIMENT,
-        "sgd_constant": sgd_constant.EXPERIMENT,
-        "sgd_decreasing": sgd_decreasing.EXPERIMENT,
-        "noise_ablation": noise_ablation.EXPERIMENT,
-        "continuous_limit": continuous_limit.EXPERIMENT,
-    }
+    """The experiments the runner knows: every study module of ``lspsde.study``."""
+    return registry()
 
 
 def _config_hash(name: str, cfg, seed: int) -> str:

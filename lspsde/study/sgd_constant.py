@@ -25,11 +25,13 @@ over the transient, next to the same fit of the exact curve and to $\rho(M)$.
 """
 
 import math
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 import xarray as xr
 
@@ -40,8 +42,42 @@ from ..noise import GaussianNoise
 from ..parameter import SGD
 from ..sweep import Sweep
 from . import _mc
-from .runner import Check, Experiment
-from .schema import SGDConstant
+from .config import FitConfig, Grid, NonNegativeFloat, PositiveFloat, PositiveInt, QuadraticSGD
+from .experiment import Check, Experiment
+
+
+class SGDConstant(QuadraticSGD):
+    """Lemma 5.1 / Theorem 5.2: constant-step SGD over a grid of eta / eta_max across 1."""
+
+    eta_over_etamax: Grid(PositiveFloat, min_length=2)
+    sigma1: NonNegativeFloat = 0.5
+    n_steps: Annotated[int, Field(ge=20)] = 1000
+    save_every: PositiveInt = 1
+    fit: FitConfig = FitConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.n_steps < 20 * self.save_every:
+            raise ValueError(
+                f"n_steps = {self.n_steps} gives fewer than 20 saved steps with save_every = "
+                f"{self.save_every}; the tail mean and the fit need more"
+            )
+        if self.fit.max_points * self.save_every > 1000 or self.n_steps < (
+            self.fit.max_points * self.save_every
+        ):
+            raise ValueError(
+                f"the recursion fit needs fit.max_points = {self.fit.max_points} saved steps "
+                f"within the first min(1000, n_steps) steps; with save_every = "
+                f"{self.save_every} and n_steps = {self.n_steps} there are not enough. Lower "
+                "save_every or fit.max_points"
+            )
+        if self.n_paths < self.fit.max_points + 3:
+            raise ValueError(
+                f"n_paths = {self.n_paths} cannot estimate the {self.fit.max_points}-point "
+                "covariance of the recursion fit; use n_paths >= fit.max_points + 3"
+            )
+        return self
+
 
 # fit_recursion's start-value grid evaluates q**t for q up to 2: beyond t ~ 1000 that overflows
 # float64, so the fit window is capped here (see the report of issue 4).
@@ -549,4 +585,11 @@ def figures(ds: xr.Dataset) -> dict:
     }
 
 
-EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
+EXPERIMENT = Experiment(
+    name="sgd_constant",
+    config=SGDConstant,
+    run=run,
+    checks=checks,
+    figures=figures,
+    summary=summary,
+)

@@ -26,12 +26,14 @@ $\max_i|\prod_{s<t}(1 - \eta_s\lambda_i)|$.
 
 import itertools
 import math
+from typing import Annotated
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 import xarray as xr
 
@@ -43,8 +45,32 @@ from ..schedules import RobbinsMonro
 from ..sweep import Sweep
 from ..system import LearningSystem
 from . import _mc
-from .runner import Check, Experiment
-from .schema import SGDDecreasing
+from .config import Grid, NonNegativeFloat, PositiveFloat, PositiveInt, QuadraticSGD
+from .experiment import Check, Experiment
+
+
+class SGDDecreasing(QuadraticSGD):
+    """Theorem 5.3: Robbins-Monro steps eta_t = c/(t + t0)^p, c = c_mu / mu; the rate of
+    E||theta^t - theta*||^2 and its limit constant against the closed form."""
+
+    c_mu: Grid(PositiveFloat)
+    p: Grid(Annotated[float, Field(gt=0.5, le=1)])
+    sigma1: Grid(NonNegativeFloat) = [0.0]
+    t0: PositiveFloat = 10.0
+    n_paths: Annotated[int, Field(ge=50)] = 500
+    n_steps: Annotated[int, Field(ge=100)] = 5000
+    save_every: PositiveInt = 10
+    n_sensitivity: Annotated[int, Field(ge=2)] = 16
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.n_steps < 50 * self.save_every:
+            raise ValueError(
+                f"n_steps = {self.n_steps} gives fewer than 50 saved steps with save_every = "
+                f"{self.save_every}; the log-log slope needs more"
+            )
+        return self
+
 
 _VARS = (
     "mean",
@@ -536,4 +562,11 @@ def figures(ds: xr.Dataset) -> dict:
     return {"rate": fig, "loglog": fig2, "sensitivity": fig3}
 
 
-EXPERIMENT = Experiment(run=run, checks=checks, figures=figures, summary=summary)
+EXPERIMENT = Experiment(
+    name="sgd_decreasing",
+    config=SGDDecreasing,
+    run=run,
+    checks=checks,
+    figures=figures,
+    summary=summary,
+)

@@ -8,6 +8,7 @@ and the findings where it does not (the exact stability boundary beyond eta_max,
 Assumption 1). ``LSPSDE_STUDY_SIZE=ci`` (or ``CI=true``) shrinks them further.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def test_resume_loads_the_finished_sgd_part(tmp_path, monkeypatch):
         raise AssertionError("a finished experiment was recomputed")
 
     exp = runner._registry()["noise_ablation"]
-    patched = runner.Experiment(boom, exp.checks, exp.figures, exp.summary)
+    patched = dataclasses.replace(exp, run=boom)
     monkeypatch.setattr(runner, "_registry", lambda: {"noise_ablation": patched})
     second = runner.run_study(config, tmp_path, progress=False)
     xr.testing.assert_identical(

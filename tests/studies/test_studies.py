@@ -4,6 +4,7 @@ The shipped study files are run in full locally and at a reduced grid in CI (``C
 ``LSPSDE_STUDY_SIZE=ci``); the mathematical assertions are the same at both sizes.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -91,9 +92,7 @@ def test_resume_loads_finished_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(
         runner,
         "_registry",
-        lambda: {
-            "feedforward_spectral": runner.Experiment(boom, exp.checks, exp.figures, exp.summary)
-        },
+        lambda: {"feedforward_spectral": dataclasses.replace(exp, run=boom)},
     )
     second = runner.run_study(config, tmp_path, progress=False)
     xr.testing.assert_identical(
@@ -199,3 +198,29 @@ def test_cli_reports_bad_files_without_running(tmp_path, capsys):
     assert "not valid TOML" in capsys.readouterr().err
     assert main(["check", str(tmp_path / "missing.toml")]) == 2
     assert main(["check", str(STUDIES / "residual_cfl.toml")]) == 0
+
+
+def test_each_study_module_declares_its_config_and_is_discovered():
+    from lspsde.study import Experiment, registry
+    from lspsde.study.schema import StudyConfig
+
+    reg = registry()
+    shipped = {
+        "continuous_limit",
+        "feedforward_spectral",
+        "noise_ablation",
+        "residual_cfl",
+        "sgd_constant",
+        "sgd_decreasing",
+    }
+    assert set(reg) == shipped
+    for name, exp in reg.items():
+        assert isinstance(exp, Experiment) and exp.name == name
+        # the configuration class lives in the study module itself, beside its experiment
+        assert exp.config.__module__ == exp.run.__module__
+        assert name in StudyConfig.model_fields
+    # every shipped TOML parses into the discovered classes
+    for path in STUDIES.glob("*.toml"):
+        cfg = load_study(path)
+        for name, table in cfg.experiments().items():
+            assert isinstance(table, reg[name].config)
