@@ -525,13 +525,26 @@ class GaussianNoise(AbstractNoise):
         return _safe_norm(flat - _minimizer(objective, theta, "GaussianNoise with sigma1 != 0"))
 
     def sample(self, key: PRNGKeyArray, theta: PyTree[Array]) -> tuple[PyTree[Array], ...]:
-        # One flat draw of 2d normals, halved: on CPU one call of size 2d cost about a quarter
-        # of two calls of size d at small d. The barrier keeps XLA from fusing the whole normal
-        # transform into the update, which made small-d steps ~2x slower (bench_limits.py).
         flat, unravel = ravel_pytree(theta)
-        z = jax.random.normal(key, (2 * flat.size,), dtype=flat.dtype)
-        z = jax.lax.optimization_barrier(z)
-        return unravel(z[: flat.size]), unravel(z[flat.size :])
+        d = flat.size
+        if self.state_dependent:
+            # One flat draw of 2d normals, halved: on CPU one call of size 2d cost about a
+            # quarter of two calls of size d at small d. The barrier keeps XLA from fusing the
+            # whole normal transform into the update, which made small-d steps ~2x slower
+            # (bench_limits.py).
+            z = jax.random.normal(key, (2 * d,), dtype=flat.dtype)
+            z = jax.lax.optimization_barrier(z)
+            return unravel(z[:d]), unravel(z[d:])
+        # sigma1 = 0: G uses z0 alone. Threefry's counters are per element (JAX's default
+        # `jax_threefry_partitionable`), so normal(key, (d,)) is the first half of
+        # normal(key, (2d,)): u is the same as above, bit for bit. z1, drawn on its own, is
+        # then dead code wherever only G is needed (SGD) and XLA drops it: one normal vector a
+        # step, as IsotropicGaussian, instead of two behind the barrier (which made simulate
+        # ~1.9x the hand-written scan at d = 16, 1.5x at d = 1,000: benchmarks/bench_noise.py).
+        # The SDE limit still gets both halves (m = 2d), at 3d normals a step instead of 2d.
+        z0 = jax.lax.optimization_barrier(jax.random.normal(key, (d,), dtype=flat.dtype))
+        z1 = jax.random.normal(key, (2 * d,), dtype=flat.dtype)[d:]
+        return unravel(z0), unravel(z1)
 
     def zero(self, theta: PyTree[Array]) -> tuple[PyTree[Array], ...]:
         return super().zero(theta), super().zero(theta)
