@@ -112,6 +112,19 @@ def _isotropic_gradient(
     return _plus(objective.gradient(theta), scale / math.sqrt(z.size) * z)
 
 
+def _open_uniform(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
+    r"""$U(0, 1)$ on the midpoints $(k + \frac12)\,2^{-m}$ of JAX's uniform grid ($m$ mantissa
+    bits): never 0 or 1, and each value stands for its own cell of probability $2^{-m}$.
+
+    A draw on $[\text{tiny}, 1)$ puts the mass $2^{-23}$ (float32) of the first cell on
+    $U = 10^{-38}$: Student-t samples of $7.6\cdot 10^{12}$ where the next value is about 350,
+    and an $\alpha$-stable angle $-\pi/2$ that rounds past $-\pi/2$ (NaN).
+    """
+    dtype = jax.dtypes.canonicalize_dtype(float)
+    half_cell = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
+    return jax.random.uniform(key, shape, dtype) + jnp.asarray(half_cell, dtype)
+
+
 def _size(theta: PyTree[Array]) -> int:
     return ravel_pytree(theta)[0].size
 
@@ -945,8 +958,7 @@ class StudentTNoise(AbstractNoise):
 
     def _standard_t(self, key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
         k1, k2 = jax.random.split(key)
-        tiny = jnp.finfo(jax.dtypes.canonicalize_dtype(float)).tiny
-        u1 = jax.random.uniform(k1, shape, minval=tiny, maxval=1.0)
+        u1 = _open_uniform(k1, shape)
         u2 = jax.random.uniform(k2, shape)
         # U1^(-2/nu) - 1 = expm1(-(2/nu) log U1): accurate for large nu.
         return jnp.cos(2 * jnp.pi * u2) * jnp.sqrt(self.df * jnp.expm1(-2 / self.df * jnp.log(u1)))
@@ -1027,8 +1039,8 @@ class AlphaStableNoise(AbstractNoise):
     def _standard_stable(self, key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
         kv, kw = jax.random.split(key)
         a = self.alpha
-        v = jax.random.uniform(kv, shape, minval=-jnp.pi / 2, maxval=jnp.pi / 2)
-        w = -jnp.log(jax.random.uniform(kw, shape, minval=jnp.finfo(v.dtype).tiny, maxval=1.0))
+        v = jnp.pi * (_open_uniform(kv, shape) - 0.5)  # inside (-pi/2, pi/2): cos v > 0
+        w = -jnp.log(_open_uniform(kw, shape))
         return jnp.sin(a * v) / jnp.cos(v) ** (1 / a) * (jnp.cos((1 - a) * v) / w) ** ((1 - a) / a)
 
     def sample(self, key: PRNGKeyArray, theta: PyTree[Array]) -> PyTree[Array]:

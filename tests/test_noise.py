@@ -576,3 +576,22 @@ def test_no_noise_is_unchanged():
     a1 = noise.assumption1(LS)
     assert a1.holds and float(a1.sigma0) == 0.0 and float(a1.sigma1) == 0.0
     assert float(noise.variance(LS, theta)) == 0.0
+
+
+def test_heavy_tail_samplers_give_the_first_uniform_cell_its_own_quantile(monkeypatch):
+    # Every uniform draw at the bottom of JAX's grid (u = 0): the cell [0, 2^-m) must map to a
+    # moderate quantile (its midpoint), not to U = tiny (|T| ~ 1e103 for df = 3 in float64;
+    # 7.6e12 where the next value is ~350 in float32), and the stable angle must stay inside
+    # (-pi/2, pi/2) (it used to be exactly -pi/2: NaN in float32).
+    import lspsde.noise as noise_module
+
+    zeros = lambda key, shape=(), dtype=float, minval=0.0, maxval=1.0: jnp.full(
+        shape, minval, dtype
+    )
+    monkeypatch.setattr(noise_module.jax.random, "uniform", zeros)
+    t = StudentTNoise(1.0, 3.0)._standard_t(jax.random.key(0), (4,))
+    quantile = np.sqrt(3.0 * np.expm1(-2 / 3.0 * np.log(2.0 ** -(np.finfo(float).nmant + 1))))
+    np.testing.assert_allclose(np.abs(t), quantile, rtol=1e-12)
+    assert np.all(np.abs(t) < 1e6)
+    s = AlphaStableNoise(1.0, 1.5)._standard_stable(jax.random.key(0), (4,))
+    assert np.all(np.isfinite(s))
