@@ -116,3 +116,23 @@ def check_symmetric(name: str, M: Any) -> None:
             f"`{name}` is not symmetric (max |H - H^T| = {asym:.3g}); a Hessian is "
             "symmetric. Pass (H + H^T) / 2 if the asymmetry is intended to be dropped."
         )
+
+
+def check_real_scalar(name: str, value: Any) -> None:
+    """A hyperparameter must be one real number (concrete or traced), not a string, a boolean,
+    a complex number or an array: a grid of values is a sweep."""
+    dtype = getattr(value, "dtype", None)
+    bad_type = isinstance(value, str | bytes | bool | complex) or (
+        dtype is not None
+        and (np.issubdtype(dtype, np.complexfloating) or np.issubdtype(dtype, np.bool_))
+    )
+    if bad_type or not isinstance(value, int | float | jax.Array | np.ndarray | np.number):
+        raise TypeError(
+            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}."
+        )
+    if np.ndim(value) != 0:
+        raise ValueError(
+            f"`{name}` must be a scalar, got shape {np.shape(value)}. To run a grid of values, "
+            f'sweep them: `lspsde.Sweep.of(lspsde.SGD, values, name="{name}")` (one compiled '
+            "program, common random numbers); per-coordinate step sizes are not an SGD."
+        )

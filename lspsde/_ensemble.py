@@ -26,6 +26,7 @@ It owns every piece of running many paths of a learning system:
 from collections.abc import Callable
 import math
 import os
+import re
 import sys
 from typing import Any, NamedTuple
 
@@ -76,8 +77,6 @@ def describe(tree: PyTree) -> str:
 
 def named_leaves(tree: PyTree[Array], prefix: str) -> dict[str, np.ndarray]:
     """``{prefix + sanitised key path: leaf}``: ``theta`` for a bare array, ``theta_w`` etc."""
-    import re
-
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         name = re.sub(r"\W+", "_", prefix + jax.tree_util.keystr(path)).strip("_")

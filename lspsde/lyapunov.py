@@ -112,19 +112,11 @@ def _validate(
     leaves = jax.tree_util.tree_leaves(z0)
     if not leaves:
         raise ValueError(f"`z0` has no array leaves (got {z0!r}); pass the initial state.")
-    d = 0
-    for leaf in leaves:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                f"`z0` must hold real floating-point arrays, got a leaf of dtype {dtype}. "
-                "Cast it, e.g. `jnp.asarray(z0, dtype=float)` (complex states: split into real "
-                "and imaginary parts)."
-            )
-        d += int(np.prod(np.shape(leaf)))
+    # real floating and finite (NaN or inf would give meaningless +-inf exponents)
+    check_start(z0, name="z0")
+    d = sum(int(np.prod(np.shape(leaf))) for leaf in leaves)
     if d == 0:
         raise ValueError("`z0` has zero entries; the state dimension must be at least 1.")
-    check_start(z0, name="z0")  # finite (NaN or inf would give meaningless +-inf exponents)
     if k is None:
         k = d
     _check_int("k", k, 1, f"Pass 1 <= k <= {d} (the state dimension), or k=None for all.")

@@ -3,12 +3,10 @@ r"""Step-size schedules $\eta_t$ for parameter flows (Section 5)."""
 import abc
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
-import numpy as np
 
-from ._checks import check_in_interval, check_positive
+from ._checks import check_in_interval, check_positive, check_real_scalar
 
 
 class AbstractSchedule(eqx.Module):
@@ -61,26 +59,6 @@ class RobbinsMonro(AbstractSchedule):
 
     def __call__(self, t: ArrayLike) -> Float[Array, ""]:
         return self.c / (jnp.asarray(t, dtype=self.c.dtype) + self.t0) ** self.p
-
-
-def check_real_scalar(name: str, value) -> None:
-    """A hyperparameter must be one real number (concrete or traced), not a string, a boolean,
-    a complex number or an array: a grid of values is a sweep."""
-    dtype = getattr(value, "dtype", None)
-    bad_type = isinstance(value, str | bytes | bool | complex) or (
-        dtype is not None
-        and (jnp.issubdtype(dtype, jnp.complexfloating) or jnp.issubdtype(dtype, jnp.bool_))
-    )
-    if bad_type or not isinstance(value, int | float | jax.Array | np.ndarray | np.number):
-        raise TypeError(
-            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}."
-        )
-    if jnp.ndim(value) != 0:
-        raise ValueError(
-            f"`{name}` must be a scalar, got shape {jnp.shape(value)}. To run a grid of values, "
-            f'sweep them: `lspsde.Sweep.of(lspsde.SGD, values, name="{name}")` (one compiled '
-            "program, common random numbers); per-coordinate step sizes are not an SGD."
-        )
 
 
 def as_schedule(step_size: "float | Array | AbstractSchedule") -> AbstractSchedule:

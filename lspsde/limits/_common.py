@@ -10,11 +10,11 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from .._checks import _concrete, check_positive, check_positive_int
+from .._checks import _concrete, check_positive, check_positive_int, check_real_scalar
 from .._custom_types import ScalarLike
 from ..objectives import AbstractObjective
 from ..parameter import AbstractParameterFlow
-from ..schedules import AbstractSchedule, Constant, check_real_scalar
+from ..schedules import AbstractSchedule, Constant
 
 DEFAULT_SUBSTEPS = 32
 """Sub-steps per SGD step of a fixed-step limit when ``dt`` is not given: $\\delta = \\eta/32$."""
