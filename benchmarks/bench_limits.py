@@ -81,6 +81,7 @@ import os
 from pathlib import Path
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -91,6 +92,9 @@ if os.environ.get("BENCH_X64", "0") == "1":
 import diffrax as dfx
 import jax.numpy as jnp
 import lineax as lx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rows import row
 
 from lspsde._simulate import simulate
 from lspsde.limits import SGDLimit
@@ -418,6 +422,38 @@ def _print_case(r: dict, names: list[str]) -> None:
     print(head + " | ".join(cells), flush=True)
 
 
+BASELINES = {
+    "scan": "hand Euler-Maruyama jit(vmap(scan))",
+    "ubp": "diffrax UnsafeBrownianPath",
+    "vbt": "diffrax VirtualBrownianTree",
+}
+
+
+def rows(results: dict) -> list[dict]:
+    """The common rows (``_rows.row``): ``lspsde`` against each baseline, full-size times
+    (per path-step medians times the full ensemble; vbt is extrapolated)."""
+    out = []
+    for r in results["cases"]:
+        if "lspsde" not in r:
+            continue
+        lib = r["lspsde"]
+        case = (
+            f"SGDLimit n={r['n_substeps']}, {r['noise']}, d={r['d']}, "
+            f"{r['n_paths']:,} x {r['fine_steps']:,} fine steps"
+        )
+        for other, name in BASELINES.items():
+            if other not in r:
+                continue
+            x = r[other]
+            note = (
+                f"paired (via scan) {lib['paired_ratio_to_scan'] / x['paired_ratio_to_scan']:.2f}x"
+            )
+            if x["extrapolated"]:
+                note += f"; {other} run on {x['n_paths_run']} paths, extrapolated"
+            out.append(row("limits", case, lib["full_size_s"], name, x["full_size_s"], note))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -438,6 +474,7 @@ def main() -> None:
         action="store_true",
         help="instead of the comparison: pre-sampled vs sequential bridge (PROFILE_CASES)",
     )
+    parser.add_argument("--out", type=Path, help="write the JSON here (default results/NAME.json)")
     options = parser.parse_args()
     steps = {1: options.steps, 32: options.steps_32}
     n_paths = options.paths
@@ -472,7 +509,7 @@ def main() -> None:
             f"eta = {ETA}, n sub-steps per SGD step; noise: IsotropicGaussian({SIGMA}) or "
             f"GaussianNoise({SIGMA0}, {SIGMA1}); throughput counts fine steps"
         ),
-        "options": vars(options),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
         "cases": [],
     }
     print(
@@ -487,8 +524,9 @@ def main() -> None:
         results["cases"].append(r)
         _print_case(r, [k for k in impls if k in r])
     results["environment"]["load_average_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    results["rows"] = rows(results)
+    path = options.out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
 

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -38,6 +39,9 @@ import lyapax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lspsde.lyapunov import flow_map, lyapunov_spectrum  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rows import row  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lyapunov.json"
 
@@ -164,10 +168,55 @@ def flow_case(
     }
 
 
+def _case_name(settings: dict) -> str:
+    what = settings.get("map") or settings["flow"]
+    k = settings.get("k")
+    steps = f"{settings['n_steps']:,} steps"
+    return f"{what}" + (f", k={k}" if k is not None else "") + f", {steps}, float64"
+
+
+def rows(results: dict) -> list[dict]:
+    """The common rows (``_rows.row``): lspsde against lyapax, jitted and eager."""
+    out = []
+    for res in results["cases"].values():
+        lib, other = res["lspsde"], res["lyapax"]
+        err = lambda r: (
+            "-" if r["abs_error_vs_published"] is None else f"{r['abs_error_vs_published'][0]:.1e}"
+        )
+        note = (
+            f"λ1 err {err(lib)} / {err(other)} (lspsde / lyapax); max |Δλ| "
+            f"{res['max_abs_difference_between_implementations']:.1e}; compile "
+            f"{lib['compile_s']:.1f} s / {other['compile_s']:.1f} s"
+        )
+        case = _case_name(res["settings"])
+        out.append(
+            row(
+                "lyapunov",
+                case,
+                lib["run_median_s"],
+                "lyapax 0.3 (jit)",
+                other["run_median_s"],
+                note,
+            )
+        )
+        out.append(
+            row(
+                "lyapunov",
+                case,
+                lib["run_median_s"],
+                "lyapax 0.3 (eager, as called)",
+                other["eager_run_median_s"],
+                "",
+            )
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="10x fewer steps (smoke test)")
+    parser.add_argument("--out", type=Path, help=f"write the JSON here (default {RESULTS})")
     options = parser.parse_args()
     scale = 10 if options.quick else 1
 
@@ -241,9 +290,11 @@ def main() -> None:
         f"{load['load_average_after']} on {load['cpu_count']} cores"
     )
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    results["rows"] = rows(results)
+    out_path = options.out or RESULTS
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

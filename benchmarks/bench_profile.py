@@ -87,6 +87,9 @@ import numpy as np  # noqa: E402
 import lspsde  # noqa: E402
 import models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rows import row  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
@@ -593,6 +596,39 @@ def print_report(results):
     )
 
 
+BASELINES = {
+    "dense": ("mf", "learning_profile(method='dense')"),
+    "dense_min": ("mf", "hand dense Jacobians (dense_min)"),
+    "block_dense": ("block_mf", "one block: norm(jacfwd(step), 2)"),
+}
+
+
+def rows(results: dict) -> list[dict]:
+    """The common rows (``_rows.row``): the matrix-free profile (``mf``; one block: ``block_mf``)
+    against each dense route, and the skipped dense routes with the reason."""
+    out = []
+    for pt in results["points"]:
+        routes = pt["routes"]
+        case = f"P={pt['n_params']:,}"
+        for other, (lib, name) in BASELINES.items():
+            if other not in routes or lib not in routes:
+                continue
+            r, m = routes[other], routes[lib]
+            mem = lambda x: x.get("memory_child", {}).get("exec_peak_mib")
+            if lib == "mf":
+                diff = r.get("max_rel_diff_vs_mf", {})
+                note = f"max rel diff {max(diff.values()) if diff else float('nan'):.1e}"
+                if mem(m) is not None and mem(r) is not None:
+                    note += f"; run-peak {mem(m):.0f} / {mem(r):.0f} MiB"
+            else:
+                note = f"max rel diff {r.get('max_rel_diff_vs_block_mf', float('nan')):.1e}"
+            out.append(row("profile", case, m["run_median_s"], name, r["run_median_s"], note))
+        for other, why in pt.get("skipped", {}).items():
+            mf = routes["mf"]
+            out.append(row("profile", case, mf["run_median_s"], BASELINES[other][1], None, why))
+    return out
+
+
 def _file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
@@ -705,6 +741,7 @@ def main():
     }
     results["environment"]["load_average_after"] = os.getloadavg()
     results["total_wall_s"] = time.perf_counter() - start
+    results["rows"] = rows(results)
     print_report(results)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2) + "\n")

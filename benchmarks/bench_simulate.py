@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 import platform
 import statistics
+import sys
 import time
 
 # NumPy's OpenBLAS: one thread. On this shared 2-core machine its default (2 spinning threads)
@@ -49,6 +50,9 @@ if os.environ.get("BENCH_X64", "0") == "1":
 
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rows import row
 
 from lspsde._simulate import simulate
 import lspsde.noise
@@ -193,6 +197,31 @@ def compare(d: int, n_paths: int, n_steps: int, repeats: int) -> dict:
     return out
 
 
+BASELINES = {"jax_scan": "hand jit(vmap(scan))", "numpy": "NumPy loop (1 thread)"}
+
+
+def rows(results: dict) -> list[dict]:
+    """The common rows (``_rows.row``): each case against each baseline."""
+    out = []
+    for r in results["cases"]:
+        case = f"d={r['d']:,}, {r['n_paths']:,} x {r['n_steps']:,}, trajectory every {SAVE_EVERY}"
+        for other, name in BASELINES.items():
+            note = f"paired {r[f'paired_ratio_lspsde_over_{other}']:.2f}x"
+            if other == "jax_scan":
+                note += f"; max |diff| {r['max_abs_difference_lspsde_vs_jax_scan']:.1e}"
+            out.append(
+                row(
+                    "simulate",
+                    case,
+                    r["lspsde"]["run_median_s"],
+                    name,
+                    r[other]["run_median_s"],
+                    note,
+                )
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -202,6 +231,7 @@ def main() -> None:
         action="store_true",
         help="the full grid: d=1000 at 1000 steps, with 1024 and 4096 paths (~1 hour on 2 cores)",
     )
+    parser.add_argument("--out", type=Path, help=f"write the JSON here (default {RESULTS})")
     options = parser.parse_args()
     # (d, n_paths, n_steps). d = 1000 runs 100 steps by default: at 1000 steps one run takes
     # ~2 minutes on 2 shared CPU cores (the (n, d) @ (d, d) product dominates every
@@ -256,10 +286,12 @@ def main() -> None:
             + ", ".join(f"{r[k]['path_steps_per_s'] / 1e6:.2f}" for k in IMPLS),
             flush=True,
         )
-    if not options.quick:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2))
-        print(f"wrote {RESULTS}")
+    results["rows"] = rows(results)
+    out_path = options.out or (None if options.quick else RESULTS)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":
