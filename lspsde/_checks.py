@@ -133,6 +133,7 @@ def check_real_scalar(name: str, value: Any) -> None:
     if np.ndim(value) != 0:
         raise ValueError(
             f"`{name}` must be a scalar, got shape {np.shape(value)}. To run a grid of values, "
-            f'sweep them: `lspsde.Sweep.of(lspsde.SGD, values, name="{name}")` (one compiled '
-            "program, common random numbers); per-coordinate step sizes are not an SGD."
+            "sweep them, e.g. `lspsde.Sweep.of(lambda v: lspsde.SGD(v), values, "
+            f'name="{name}")` with the module you are building (one compiled program, common '
+            "random numbers); a step size is one number per step, not one per coordinate."
         )
