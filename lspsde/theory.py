@@ -1,4 +1,5 @@
-r"""The closed-form stability laws of Sections 4–5, and estimators of their constants.
+r"""The closed-form stability laws of Sections 4–5 (their constants are measured from a model by
+``lspsde.constants``).
 
 Every study puts a *predicted* value from here beside a *measured* one. The formulas, with the
 paper's symbols:
@@ -36,27 +37,17 @@ is ``jit``/``vmap`` friendly (no Python branching on traced values). Concrete in
 before tracing; traced inputs pass through unchecked.
 """
 
-from collections.abc import Callable
-import warnings
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree, Real
+from jaxtyping import Array, ArrayLike, Bool, Float, Real
 import numpy as np
 
-from . import linalg
 from ._checks import _concrete_array, check_positive, check_positive_int
-from .objectives import AbstractObjective
-from .representation import Feedforward
 
 __all__ = [
     "feedforward_exponent_bound",
     "feedforward_jacobian_bound",
-    "feedforward_rho",
-    "layer_spectral_norms",
-    "objective_constants",
-    "residual_block_constants",
     "residual_contraction",
     "residual_exponent_bound",
     "residual_optimal_step",
@@ -106,11 +97,12 @@ def _check_le(small: str, a: RealLike, big: str, b: RealLike, why: str) -> None:
 _WHY_M = (
     "Inconsistent constants: v^T G v >= -||G||_2 >= -M_g for unit v, so dissipativity "
     "sym(G) <= -m I and ||G||_2 <= M_g can only hold together when m <= M_g (eq. 4.2). "
-    "Estimate both from the same block, e.g. with `residual_block_constants`."
+    "Estimate both from the same block, e.g. with `lspsde.constants.residual_block_constants`."
 )
 _WHY_MU = (
     "Inconsistent constants: a mu-strongly convex, L-smooth objective has Hessian eigenvalues in "
-    "[mu, L], so mu <= L (Assumption 1). Estimate both, e.g. with `objective_constants`."
+    "[mu, L], so mu <= L (Assumption 1). Estimate both, e.g. with "
+    "`lspsde.constants.objective_constants`."
 )
 
 
@@ -594,136 +586,3 @@ def _robbins_monro_scan(lam, m0, c, t0, p, sigma0, sigma1, n_steps):
 
     _, ms = jax.lax.scan(body, m0, jnp.arange(n_steps, dtype=lam.dtype))
     return jnp.concatenate([jnp.sum(m0)[None], ms])
-
-
-# --------------------------------------------------------------------------------------------
-# Estimators of the constants from a concrete model
-# --------------------------------------------------------------------------------------------
-
-
-def layer_spectral_norms(flow: Feedforward) -> Float[Array, " L"]:
-    r"""$(\|W_0\|_2, \dots, \|W_{L-1}\|_2)$ of a feedforward flow, by exact SVD (Theorem 4.1).
-
-    **Arguments:**
-
-    - `flow`: a [`Feedforward`][lspsde.representation.Feedforward] network.
-
-    **Returns:** the spectral norms, shape ``(L,)``.
-    """
-    if not isinstance(flow, Feedforward):
-        raise TypeError(
-            f"`flow` must be an lspsde.representation.Feedforward, got {type(flow).__name__}; "
-            "for other layers use `lspsde.linalg.jacobian_norm` on each layer map."
-        )
-    return _layer_norms(flow.weights)
-
-
-@jax.jit
-def _layer_norms(weights: tuple[Array, ...]) -> Array:
-    return jnp.stack([jnp.linalg.svd(w, compute_uv=False)[0] for w in weights])
-
-
-def feedforward_rho(flow: Feedforward) -> Float[Array, ""]:
-    r"""$\rho = \max_k \|W_k\|_2$, the smallest constant Theorem 4.1 applies with."""
-    return jnp.max(layer_spectral_norms(flow))
-
-
-def residual_block_constants(
-    block: Callable[[Array], Array], xs: Float[ArrayLike, "*n d"]
-) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    r"""Estimates $(\hat m, \hat M_g)$ of the constants of (4.2) for one residual block $g$.
-
-    With $G(x) = \partial g/\partial x$ computed densely (``jax.jacfwd``; blocks are at most a few
-    hundred wide),
-
-    $$\hat m = -\max_i \lambda_{\max}\big(\tfrac12(G(x_i) + G(x_i)^\top)\big), \qquad
-    \hat M_g = \max_i \|G(x_i)\|_2 .$$
-
-    A maximum over sample points is an estimate *from inside*: the true constants over all $x$
-    satisfy $m \le \hat m$ and $M_g \ge \hat M_g$, so $c_x(h)$ from the estimates can be
-    optimistic. For a linear block ($G$ constant) the estimates are exact.
-
-    **Arguments:**
-
-    - `block`: the residual function $x \mapsto g(x)$, $\mathbb{R}^d \to \mathbb{R}^d$.
-    - `xs`: the sample points, shape ``(n, d)`` (or ``(d,)`` for one point).
-
-    **Returns:** ``(m_hat, M_g_hat)``.
-    """
-    if not callable(block):
-        raise TypeError(f"`block` must be callable x -> g(x), got {type(block).__name__}.")
-    xs = jnp.asarray(xs)
-    if xs.ndim == 1:
-        xs = xs[None]
-    if xs.ndim != 2 or xs.shape[0] == 0:
-        raise ValueError(f"`xs` must have shape (n, d) with n >= 1, got {xs.shape}.")
-    out = jax.eval_shape(block, xs[0])
-    if out.shape != xs.shape[1:]:
-        raise ValueError(
-            f"The block maps R^{xs.shape[1]} to shape {out.shape}; a residual block g must map "
-            "R^d to R^d (eq. 4.1)."
-        )
-
-    return _block_constants(block, xs)
-
-
-@eqx.filter_jit
-def _block_constants(block: Callable[[Array], Array], xs: Array) -> tuple[Array, Array]:
-    def one(x: Array) -> tuple[Array, Array]:
-        G = jax.jacfwd(block)(x)
-        top_sym = jnp.linalg.eigvalsh(0.5 * (G + G.T))[-1]
-        return top_sym, jnp.linalg.svd(G, compute_uv=False)[0]
-
-    top_sym, norms = jax.vmap(one)(xs)
-    return -jnp.max(top_sym), jnp.max(norms)
-
-
-def objective_constants(
-    objective: AbstractObjective,
-    theta: PyTree[ArrayLike],
-    *,
-    method: str = "lanczos",
-    max_steps: int = 64,
-    rtol: float = 1e-6,
-    key: PRNGKeyArray | None = None,
-) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    r"""Estimates $(\hat\mu, \hat L)$ = extreme eigenvalues of $\nabla^2\mathcal{L}(\theta)$.
-
-    For quadratics and least squares the Hessian is constant, so these are the exact $\mu$ and
-    $L$ of Assumption 1 at any $\theta$. For other objectives they are *local* values at
-    $\theta$ (e.g. at $\theta^*$ they give the asymptotic rates), not global constants.
-
-    **Arguments:**
-
-    - `objective`: an [`AbstractObjective`][lspsde.objectives.AbstractObjective].
-    - `theta`: the point, any pytree of arrays.
-    - `method`: ``"lanczos"`` (matrix-free, Hessian-vector products;
-      ``lspsde.linalg.hessian_extreme_eigenvalues``) or ``"dense"`` (the full Hessian and
-      ``eigvalsh``; exact, for small problems).
-    - `max_steps`, `rtol`, `key`: passed to the Lanczos solver.
-
-    **Returns:** ``(mu_hat, L_hat)``. A ``RuntimeWarning`` is issued when Lanczos did not
-    converge to ``rtol`` (raise ``max_steps`` or use ``method="dense"``).
-    """
-    if not isinstance(objective, AbstractObjective):
-        raise TypeError(
-            f"`objective` must be an lspsde.objectives.AbstractObjective, got "
-            f"{type(objective).__name__}."
-        )
-    if method not in ("lanczos", "dense"):
-        raise ValueError(f"Unknown method {method!r}; use 'lanczos' or 'dense'.")
-    if method == "dense":
-        lam_min, lam_max = linalg.dense_hessian_extreme_eigenvalues(objective.loss, theta)
-        return jnp.asarray(lam_min), jnp.asarray(lam_max)
-    res = linalg.hessian_extreme_eigenvalues(
-        objective.loss, theta, max_steps=max_steps, rtol=rtol, key=key
-    )
-    converged = _concrete_array(res.converged)
-    if converged is not None and not np.all(converged):
-        warnings.warn(
-            f"Lanczos did not converge to rtol={rtol} in {max_steps} steps; the Hessian "
-            "eigenvalue estimates may be inaccurate. Raise `max_steps` or use method='dense'.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return jnp.asarray(res.lambda_min), jnp.asarray(res.lambda_max)

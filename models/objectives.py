@@ -200,7 +200,7 @@ class LogisticRegression(_KnownConstants):
     with $p_i(1 - p_i) \in (0, \tfrac14]$, so the *global* constants of Assumption 1 are
     $\mu = \lambda$ (``strong_convexity()``, a lower bound, approached far from the data) and
     $L = \lambda + \lambda_{\max}(X^\top X)/(4n)$ (``smoothness()``, an upper bound, attained
-    only where every margin is 0). Use ``lspsde.theory.objective_constants`` for local values.
+    only where every margin is 0). Use ``lspsde.constants.objective_constants`` for local values.
     $\theta^*$ is computed at construction with optimistix (BFGS, then Newton on
     $\nabla\mathcal{L} = 0$), to machine precision.
 

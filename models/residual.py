@@ -345,7 +345,7 @@ def residual_network_constants(net: Residual) -> tuple[Float[Array, ""], Float[A
         if not (hasattr(g, "m") and hasattr(g, "M_g")):
             raise TypeError(
                 f"blocks[{k}] ({type(g).__name__}) has no known constants `.m`, `.M_g`; estimate "
-                "them with `lspsde.theory.residual_block_constants`."
+                "them with `lspsde.constants.residual_block_constants`."
             )
     ms = jnp.stack([jnp.asarray(g.m) for g in net.blocks])
     Ms = jnp.stack([jnp.asarray(g.M_g) for g in net.blocks])

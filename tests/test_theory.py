@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lspsde import constants as C
 from lspsde import theory as T
 import models
 
@@ -268,10 +269,10 @@ def test_traced_inputs_are_not_checked():
 def test_layer_spectral_norms_of_orthogonal_mlp_equal_rho():
     net = models.mlp(jax.random.key(0), (5, 9, 9, 3), rho=0.8)
     # QR in float64 gives orthonormality to ~1e-15; 1e-12 leaves room for the SVD.
-    np.testing.assert_allclose(T.layer_spectral_norms(net), 0.8, rtol=0, atol=1e-12)
-    assert float(T.feedforward_rho(net)) == pytest.approx(0.8, abs=1e-12)
+    np.testing.assert_allclose(C.layer_spectral_norms(net), 0.8, rtol=0, atol=1e-12)
+    assert float(C.feedforward_rho(net)) == pytest.approx(0.8, abs=1e-12)
     with pytest.raises(TypeError, match="Feedforward"):
-        T.layer_spectral_norms(models.residual_network(jax.random.key(0), 3, 2, 0.1, 1.0, 2.0))
+        C.layer_spectral_norms(models.residual_network(jax.random.key(0), 3, 2, 0.1, 1.0, 2.0))
 
 
 def test_theorem_4_1_bound_holds_and_is_attained():
@@ -295,24 +296,24 @@ def test_residual_block_constants_linear_block_exact():
     m, M_g = 0.7, 1.9
     block = models.linear_dissipative_block(jax.random.key(0), 8, m, M_g)
     xs = RNG(1).standard_normal((5, 8))
-    m_hat, M_hat = T.residual_block_constants(block, xs)
+    m_hat, M_hat = C.residual_block_constants(block, xs)
     # G = A is constant: eigvalsh / SVD of an 8x8 matrix, accurate to ~1e-15 relative.
     assert float(m_hat) == pytest.approx(m, abs=1e-10)
     assert float(M_hat) == pytest.approx(M_g, abs=1e-10)
     # One point (shape (d,)) is accepted too.
-    assert float(T.residual_block_constants(block, xs[0])[0]) == pytest.approx(m, abs=1e-10)
+    assert float(C.residual_block_constants(block, xs[0])[0]) == pytest.approx(m, abs=1e-10)
 
 
 def test_residual_block_constants_nonlinear_block():
     m, M_g = 0.4, 2.0
     block = models.nonlinear_dissipative_block(jax.random.key(2), 10, m, M_g, rank=4)
     xs = 2.0 * RNG(3).standard_normal((64, 10))
-    m_hat, M_hat = T.residual_block_constants(block, xs)
+    m_hat, M_hat = C.residual_block_constants(block, xs)
     # lambda_max(sym G(x)) = -m at every x (W has a null space): the sup is attained.
     assert float(m_hat) == pytest.approx(m, abs=1e-10)
     assert float(M_hat) <= float(block.M_g) + 1e-12
     with pytest.raises(ValueError, match="R\\^d to R\\^d"):
-        T.residual_block_constants(lambda x: x[:3], xs)
+        C.residual_block_constants(lambda x: x[:3], xs)
 
 
 @pytest.fixture(scope="module")
@@ -328,14 +329,14 @@ def test_objective_constants_quadratic_and_least_squares(quad):
     ev = np.linalg.eigvalsh(np.asarray(quad.hessian))
     # d = 20 < max_steps: the Krylov space is exhausted, so Lanczos is exact up to the rounding
     # of a few dozen reorthogonalised products (relative to L).
-    lanczos = T.objective_constants(quad, theta, rtol=1e-10)
+    lanczos = C.objective_constants(quad, theta, rtol=1e-10)
     np.testing.assert_allclose(lanczos, (ev[0], ev[-1]), rtol=0, atol=1e-10 * ev[-1])
     # Constant Hessian: the estimates are the exact mu and L the objective reports.
     np.testing.assert_allclose(lanczos, (quad.strong_convexity(), quad.smoothness()), rtol=1e-10)
     # The dense path (eigvalsh of the full Hessian), on least squares: exact to rounding.
     X, y, _ = models.synthetic_regression(jax.random.key(7), 50, 12, 0.1)
     ls = models.LeastSquares(X, y)
-    dense = T.objective_constants(ls, theta[:12], method="dense")
+    dense = C.objective_constants(ls, theta[:12], method="dense")
     ev = np.linalg.eigvalsh(np.asarray(X.T @ X) / 50)
     np.testing.assert_allclose(dense, (ev[0], ev[-1]), rtol=1e-12)
     np.testing.assert_allclose(dense, (ls.strong_convexity(), ls.smoothness()), rtol=1e-12)
@@ -343,4 +344,4 @@ def test_objective_constants_quadratic_and_least_squares(quad):
 
 def test_objective_constants_bad_method(quad):
     with pytest.raises(ValueError, match="Unknown method"):
-        T.objective_constants(quad, jnp.zeros(20), method="qr")
+        C.objective_constants(quad, jnp.zeros(20), method="qr")
