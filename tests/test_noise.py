@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import lspsde
 from lspsde._ensemble import check_step
+import lspsde.noise
 from lspsde.noise import (
+    AbstractNoise,
     AlphaStableNoise,
     AnisotropicGaussian,
     Assumption1,
@@ -29,6 +32,12 @@ from lspsde.noise import (
     MinibatchNoise,
     NoNoise,
     StudentTNoise,
+    add_flat,
+    as_float_array,
+    check_positive,
+    flat_size,
+    iid_like,
+    scaled_identity,
 )
 from lspsde.objectives import AbstractObjective
 from lspsde.parameter import GradientDescent
@@ -182,12 +191,13 @@ def _ls_moments(A, b, theta_star):
 
 @pytest.mark.parametrize("i", range(3))
 def test_isotropic_gaussian_moments(i):
-    noise = IsotropicGaussian(0.8)
+    noise = IsotropicGaussian(scale=0.8)  # the magnitude is `scale`, as in every model
     theta = THETAS[i]
     dev = _draws(noise, LS, theta, seed=i)
     assert_moments(dev, noise.covariance(LS, theta), 0.64)
     a1 = noise.assumption1(LS)
     assert a1.holds is True and float(a1.sigma0) == 0.8 and float(a1.sigma1) == 0.0
+    assert float(noise.scale) == 0.8
 
 
 @pytest.mark.parametrize(
@@ -469,7 +479,7 @@ def test_alpha_stable_assumption1():
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: IsotropicGaussian(-0.1), "sigma"),
+        (lambda: IsotropicGaussian(-0.1), "scale"),
         (lambda: GaussianNoise(0.1, -0.2), "sigma1"),
         (lambda: AnisotropicGaussian(np.array([1.0, -1.0])), "scale"),
         (lambda: AnisotropicGaussian(np.ones((2, 3))), r"\(d, d\)"),
@@ -583,15 +593,161 @@ def test_heavy_tail_samplers_give_the_first_uniform_cell_its_own_quantile(monkey
     # moderate quantile (its midpoint), not to U = tiny (|T| ~ 1e103 for df = 3 in float64;
     # 7.6e12 where the next value is ~350 in float32), and the stable angle must stay inside
     # (-pi/2, pi/2) (it used to be exactly -pi/2: NaN in float32).
-    import lspsde.noise as noise_module
-
     zeros = lambda key, shape=(), dtype=float, minval=0.0, maxval=1.0: jnp.full(
         shape, minval, dtype
     )
-    monkeypatch.setattr(noise_module.jax.random, "uniform", zeros)
+    monkeypatch.setattr(jax.random, "uniform", zeros)
     t = StudentTNoise(1.0, 3.0)._standard_t(jax.random.key(0), (4,))
     quantile = np.sqrt(3.0 * np.expm1(-2 / 3.0 * np.log(2.0 ** -(np.finfo(float).nmant + 1))))
     np.testing.assert_allclose(np.abs(t), quantile, rtol=1e-12)
     assert np.all(np.abs(t) < 1e6)
     s = AlphaStableNoise(1.0, 1.5)._standard_stable(jax.random.key(0), (4,))
     assert np.all(np.isfinite(s))
+
+
+# ------------------------------------------------------------------------------------------
+# A new model from the public helpers alone
+# ------------------------------------------------------------------------------------------
+
+
+class LaplaceNoise(AbstractNoise):
+    r"""$G = \nabla\mathcal{L}(\theta) + b\,u$, $u$ i.i.d. Laplace(0, 1) per entry: each entry of
+    $G - \nabla\mathcal{L}$ is Laplace(0, b), variance $2b^2$, so $\mathbb{E}\|G -
+    \nabla\mathcal{L}\|^2 = 2b^2d$. Written as a user would, from ``lspsde.noise``'s public
+    names only (no per-entry $1/\sqrt d$ here: `scale` is $b$, the scale of one entry)."""
+
+    scale: jax.Array
+
+    def __init__(self, scale):
+        check_positive("scale", scale, allow_zero=True, fix="Use scale >= 0.")
+        self.scale = as_float_array(scale)
+
+    def sample(self, key, theta):
+        return iid_like(jax.random.laplace, key, theta)
+
+    def gradient(self, objective, theta, u):
+        return add_flat(objective.gradient(theta), self.scale * ravel_pytree(u)[0])
+
+    def covariance(self, objective, theta):
+        return 2 * self.scale**2 * jnp.eye(flat_size(theta))
+
+    def assumption1(self, objective):
+        theta_star = objective.minimizer()
+        if theta_star is None:  # sigma0 depends on d, known here from theta* only
+            return Assumption1(None, None, None, "unknown: d needs objective.minimizer()")
+        s0 = self.scale * jnp.sqrt(2.0 * flat_size(theta_star))
+        return Assumption1(True, s0, as_float_array(0.0), "exact: sigma0^2 = 2 b^2 d")
+
+    def is_additive(self):
+        return True
+
+    def diffusion(self, objective, theta):
+        return scaled_identity(theta, jnp.sqrt(2.0) * self.scale)
+
+
+def test_a_laplace_model_from_public_helpers_through_simulate():
+    # SGD on a quadratic: G_t = (theta_t - theta_{t+1}) / eta is the oracle's output, so
+    # xi_t = G_t - H (theta_t - theta*) is the realised noise. Its draws are independent over
+    # steps and paths (fold_in keys) and of theta_t (additive): per path, the mean over steps
+    # of ||xi_t||^2 is i.i.d. over paths, with mean 2 b^2 d (E x^2 = 2 b^2 for Laplace(0, b)).
+    # The mean absolute entry E|x| = b tells Laplace from a Gaussian of the same variance
+    # (E|x| = 2 b / sqrt(pi) = 1.13 b), and the intervals are tight enough (< 5%) that a wrong
+    # factor 2 or sqrt(d) in the model cannot pass.
+    b, d, eta, n_paths, n_steps = 0.7, 4, 0.1, 2_000, 20
+    H = np.diag([1.0, 2.0, 0.5, 1.5])
+    star = np.array([1.0, -1.0, 0.5, 2.0])
+    objective = models.Quadratic(H, star)
+    noise = LaplaceNoise(b)
+    ens = lspsde.simulate(
+        objective, lspsde.SGD(eta), noise, jnp.zeros(d), key=jax.random.key(3),
+        n_paths=n_paths, n_steps=n_steps,
+    )  # fmt: skip
+    theta = np.asarray(ens.theta)
+    assert theta.shape == (n_paths, n_steps + 1, d) and not np.any(ens.diverged)
+    xi = (theta[:, :-1] - theta[:, 1:]) / eta - (theta[:, :-1] - star) @ H
+    for per_path, expected in (
+        (np.mean(np.sum(xi**2, axis=2), axis=1), 2 * b**2 * d),
+        (np.mean(np.abs(xi), axis=(1, 2)), b),
+    ):
+        half_width = Z * np.std(per_path, ddof=1) / math.sqrt(n_paths)
+        assert half_width < 0.05 * expected
+        assert abs(np.mean(per_path) - expected) < half_width, (np.mean(per_path), expected)
+    # what the model declares agrees with the closed form
+    np.testing.assert_allclose(noise.variance(objective, jnp.zeros(d)), 2 * b**2 * d, rtol=1e-14)
+    a1 = noise.assumption1(objective)
+    assert a1.holds is True and float(a1.sigma0) ** 2 == pytest.approx(2 * b**2 * d, rel=1e-14)
+    B = noise.diffusion(objective, jnp.zeros(d)).as_matrix()
+    np.testing.assert_allclose(B @ B.T, noise.covariance(objective, jnp.zeros(d)), rtol=1e-14)
+
+
+def test_public_names_are_documented():
+    # Every name lspsde.noise exports is a documented class or function (the helpers included).
+    for name in lspsde.noise.__all__:
+        assert (getattr(lspsde.noise, name).__doc__ or "").strip(), name
+
+
+def test_a_new_model_is_usable_from_a_study_file_and_matched_by_default():
+    # The Laplace model above, with no other edit: the study file names it by its class, the
+    # table round-trips, and the default `matched` rescales its `scale` to a target variance.
+    from lspsde.study.config import noise_table, parse_noise
+    from lspsde.study.noise_ablation import NoiseAblation
+
+    cfg = NoiseAblation(
+        noise=[{"kind": "LaplaceNoise", "scale": 1.0}, {"kind": "NoNoise"}],
+        dim=3,
+        n_examples=8,
+        batch_size=2,
+        n_paths=50,
+        n_steps=100,
+    )
+    assert type(cfg.noise[0]) is LaplaceNoise and float(cfg.noise[0].scale) == 1.0
+    by_path = parse_noise({"kind": f"{__name__}:LaplaceNoise", "scale": 2.0})
+    assert noise_table(by_path) == {"kind": "LaplaceNoise", "scale": 2.0}
+    assert parse_noise(noise_table(cfg.noise[0])).scale == cfg.noise[0].scale
+    with pytest.raises(ValueError, match="its arguments are \\['scale'\\]"):
+        parse_noise({"kind": "LaplaceNoise", "b": 1.0})
+    objective = models.Quadratic(jnp.eye(3), jnp.zeros(3))
+    matched = by_path.matched(objective, jnp.zeros(3), 0.6)
+    np.testing.assert_allclose(float(matched.variance(objective, jnp.zeros(3))), 0.6, rtol=1e-6)
+    np.testing.assert_allclose(float(matched.scale), np.sqrt(0.6 / 6), rtol=1e-6)  # 2 b^2 d
+    assert np.isnan(matched.tail_index)  # not declared: unknown in advance
+
+
+@pytest.mark.parametrize(
+    "noise,variance,index",
+    [
+        (IsotropicGaussian(0.5), 0.25, np.inf),
+        (AnisotropicGaussian(jnp.array([1.0, 2.0, 3.0])), 14.0, np.inf),
+        (StudentTNoise(1.0, 5.0), 5.0 / 3.0, 5.0),
+        (AlphaStableNoise(1.0, 2.0), 2.0, np.inf),
+    ],
+)
+def test_matched_reaches_the_target_variance_exactly(noise, variance, index):
+    objective = models.Quadratic(jnp.eye(3), jnp.ones(3))
+    theta = jnp.zeros(3)
+    np.testing.assert_allclose(float(noise.variance(objective, theta)), variance, rtol=1e-6)
+    m = noise.matched(objective, theta, 0.3)
+    np.testing.assert_allclose(float(m.variance(objective, theta)), 0.3, rtol=1e-6)
+    assert m.tail_index == index and type(m) is type(noise)
+
+
+def test_matched_heavy_tails_and_state_dependent_models():
+    objective = models.Quadratic(jnp.eye(2), jnp.ones(2))
+    theta = jnp.zeros(2)  # ||theta - theta*||^2 = 2
+    # infinite variance: the scale whose Gaussian limit has the target variance
+    t = StudentTNoise(1.0, 1.5).matched(objective, theta, 0.49)
+    np.testing.assert_allclose(float(t.scale), 0.7, rtol=1e-6)
+    assert t.tail_index == 1.5
+    s = AlphaStableNoise(1.0, 1.5).matched(objective, theta, 0.5)
+    np.testing.assert_allclose(float(s.scale), 0.5, rtol=1e-6)  # alpha = 2: variance 2 scale^2
+    assert s.tail_index == 1.5
+    # GaussianNoise: sigma0 takes up what sigma1 ||theta - theta*||^2 leaves of the target
+    g = GaussianNoise(1.0, 0.5).matched(objective, theta, 1.0)
+    np.testing.assert_allclose(float(g.sigma0), np.sqrt(1.0 - 0.25 * 2), rtol=1e-6)
+    np.testing.assert_allclose(float(g.variance(objective, theta)), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="lower sigma1"):
+        GaussianNoise(1.0, 1.0).matched(objective, theta, 1.0)
+    # data-driven and no noise: their level is the data's, returned unchanged
+    assert NoNoise().matched(objective, theta, 1.0) == NoNoise()
+    with pytest.raises(ValueError, match="cannot be matched"):
+        IsotropicGaussian(0.0).matched(objective, theta, 1.0)

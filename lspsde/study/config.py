@@ -5,14 +5,26 @@ A study module declares its own configuration class (a subclass of [`Strict`][])
 experiment; the schema (``lspsde.study.schema``) assembles the study file's model from them.
 """
 
-from typing import Annotated, Literal
+import importlib
+import inspect
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    model_validator,
+)
 
 __all__ = [
     "FitConfig",
     "Grid",
     "Level",
+    "NoiseModel",
     "NonNegativeFloat",
     "NormConfig",
     "PositiveFloat",
@@ -21,6 +33,10 @@ __all__ = [
     "Strict",
     "StudyConfigError",
     "StudyMeta",
+    "noise_classes",
+    "noise_parameters",
+    "noise_table",
+    "parse_noise",
 ]
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -94,3 +110,103 @@ class QuadraticSGD(Strict):
                 "so mu <= L (mu = L: an isotropic quadratic, where Lemma 5.1 is attained)"
             )
         return self
+
+
+# --- noise models from a study file -----------------------------------------------------------
+
+
+def noise_classes() -> dict[str, type]:
+    """Every concrete noise model class defined so far (``lspsde.noise`` and any module that
+    subclasses ``lspsde.noise.AbstractNoise``), by class name: the ``kind``\\ s a study file's
+    noise table may name."""
+    from ..noise import AbstractNoise
+
+    found: dict[str, type] = {}
+    stack = [AbstractNoise]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            if not inspect.isabstract(sub) and not sub.__name__.startswith("_"):
+                found.setdefault(sub.__name__, sub)
+    return dict(sorted(found.items()))
+
+
+def _noise_class(kind: str) -> type:
+    from ..noise import AbstractNoise
+
+    if ":" in kind:  # "package.module:Class": a model defined outside lspsde
+        module, _, name = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"noise kind {kind!r} cannot be imported: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, AbstractNoise)):
+            raise ValueError(f"noise kind {kind!r} is not a subclass of lspsde.AbstractNoise")
+        return cls
+    classes = noise_classes()
+    if kind not in classes:
+        raise ValueError(
+            f"unknown noise kind {kind!r}; known kinds: {', '.join(classes)} (or "
+            "'package.module:Class' for a model defined elsewhere)"
+        )
+    return classes[kind]
+
+
+def noise_parameters(kind: str) -> dict[str, inspect.Parameter]:
+    """The constructor arguments of the noise model ``kind`` (a study file's table keys)."""
+    params = inspect.signature(_noise_class(kind)).parameters
+    return {k: p for k, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def parse_noise(table: object):
+    """A noise table ``{kind = "StudentTNoise", scale = 0.5, df = 3.0}`` as the noise model
+    it names (``StudentTNoise(scale=0.5, df=3.0)``): ``kind`` is the class name and the other
+    keys are its constructor's arguments. An existing noise model passes through.
+
+    Studies run in float64, so the model's arrays are built in float64 (0.3 in a study file
+    is the double 0.3, not its float32 rounding)."""
+    import jax
+
+    from ..noise import AbstractNoise
+
+    if isinstance(table, AbstractNoise):
+        return table
+    if not isinstance(table, dict) or not isinstance(table.get("kind"), str):
+        raise ValueError(
+            f"a noise model is a table with a string `kind` (a class name such as "
+            f"'IsotropicGaussian') and its arguments, got {table!r}"
+        )
+    params = dict(table)
+    kind = params.pop("kind")
+    allowed = noise_parameters(kind)
+    unknown = sorted(set(params) - set(allowed))
+    missing = [k for k, p in allowed.items() if p.default is p.empty and k not in params]
+    if unknown or missing:
+        what = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+        raise ValueError(f"noise kind {kind!r}: {what}; its arguments are {list(allowed)}")
+    # TOML arrays are lists: the models take arrays (an anisotropic scale, a covariance)
+    params = {
+        k: np.asarray(v, dtype=float) if isinstance(v, list) else v for k, v in params.items()
+    }
+    try:
+        with jax.enable_x64(True):
+            return _noise_class(kind)(**params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"noise kind {kind!r} with {params}: {e}") from None
+
+
+def noise_table(noise) -> dict:
+    """The study-file table of a noise model (the inverse of [`parse_noise`][]): ``kind`` and
+    every constructor argument, read from the field of the same name."""
+    kind = type(noise).__name__
+    table: dict = {"kind": kind}
+    for name in noise_parameters(kind):
+        value = getattr(noise, name)
+        table[name] = value.tolist() if hasattr(value, "tolist") else value
+    return table
+
+
+NoiseModel = Annotated[
+    Any, PlainValidator(parse_noise), PlainSerializer(noise_table, return_type=dict)
+]
+"""A study-file field holding a noise model: a table parsed by [`parse_noise`][]."""

@@ -59,6 +59,7 @@ from ..objectives import SupervisedLoss, parameters
 from ..parameter import SGD, GradientDescent
 from ..sweep import Sweep
 from ..system import LearningSystem, parameter_trajectory
+from ._data import Variables
 from .config import Grid, Level, PositiveFloat, PositiveInt, Strict
 from .experiment import Check, Experiment
 
@@ -97,6 +98,25 @@ class ContinuousLimit(Strict):
 
 
 SYSTEMS = ("quadratic", "least_squares", "two_layer", "heavy_tailed")
+
+_PER_TIME = "per unit time (1/(k eta)) log ||d theta_k / d theta_0||_2"
+_GRID = {  # CF (long_name, units) of the (system, eta) variables; f is "energy" or "loss"
+    "eta": ("step size eta (T/k below eta_max)", "1"),
+    "k": ("number of steps k compared at time T", "step"),
+    "weak_sde": ("weak error E f(theta_k) - E f(Theta_T) against the SDE limit", "1"),
+    "weak_sde_se": ("standard error of weak_sde (paired where the paths are coupled)", "1"),
+    "strong_sde": ("strong error E||theta_k - Theta_T|| (coupled paths)", "1"),
+    "strong_sde_se": ("standard error of strong_sde", "1"),
+    "weak_ode": ("weak error E f(theta_k) - f(theta(T)) against the gradient flow", "1"),
+    "weak_ode_se": ("standard error of weak_ode", "1"),
+    "diverged_fraction": ("fraction of SGD paths diverged by step k", "1"),
+    "alpha_gd": (f"GD exponent {_PER_TIME}", "1"),
+    "alpha_gf": (f"gradient-flow exponent {_PER_TIME}", "1"),
+    "alpha_sgd": (f"SGD exponent (one path) {_PER_TIME}", "1"),
+    "alpha_sde": (f"SDE exponent (the same path) {_PER_TIME}", "1"),
+    "valid": ("1 if used in the order fits (eta < eta_max, no divergence, finite variance)", "1"),
+    "limit_defined": ("1 if the SDE limit exists (the noise has a covariance)", "1"),
+}
 
 
 def _system(name: str, cfg: ContinuousLimit, key):
@@ -151,12 +171,7 @@ def run(cfg: ContinuousLimit, key, progress: bool) -> xr.Dataset:
     ratios = np.asarray(cfg.eta_over_etamax)
     k_sys, k_sim, k_res = jax.random.split(key, 3)
     shape = (len(systems), ratios.size)
-    names = (
-        "eta", "k", "weak_sde", "weak_sde_se", "strong_sde", "strong_sde_se", "weak_ode",
-        "weak_ode_se", "diverged_fraction", "alpha_gd", "alpha_gf", "alpha_sgd", "alpha_sde",
-        "valid", "limit_defined",
-    )  # fmt: skip
-    out = {n: np.full(shape, np.nan) for n in names}
+    out = {n: np.full(shape, np.nan) for n in _GRID}
     notes = []
     T = cfg.horizon
     for i, name in enumerate(tqdm(systems, disable=not progress, desc="continuous_limit")):
@@ -227,23 +242,32 @@ def run(cfg: ContinuousLimit, key, progress: bool) -> xr.Dataset:
 
     depths = np.asarray(cfg.residual_depths)
     res = _residual(cfg, k_res, depths)
-    coords = {"system": systems, "eta_over_etamax": ratios}
-    data = {n: (("system", "eta_over_etamax"), v) for n, v in out.items()}
-    data["system_note"] = (("system",), np.asarray(notes, dtype=str))
-    data.update(
-        residual_error=(("depth",), res["error"]),
-        residual_alpha=(("depth",), res["alpha"]),
+    v = Variables()
+    for name, values in out.items():
+        v.add(name, ("system", "eta_over_etamax"), values, *_GRID[name])
+    v.add(
+        "system_note",
+        ("system",),
+        np.asarray(notes, dtype=str),
+        "where a limit fails for the system, and why",
     )
-    ds = xr.Dataset(data, coords={**coords, "depth": depths})
-    ds.attrs.update(
-        horizon=T,
-        residual_horizon=cfg.residual_horizon,
-        ode_alpha=res["ode_alpha"],
-        level=cfg.level,
-        n_paths=cfg.n_paths,
-        substeps=SGDLimit(1.0).n_substeps,
+    v.add("residual_error", ("depth",), res["error"], "max over probes of ||X_L - X(S)||")
+    v.add("residual_alpha", ("depth",), res["alpha"], "(1/S) log max_x ||dX_L/dX_0||_2, S = L h")
+    return v.dataset(
+        coords={
+            "system": (systems, "learning system", "1"),
+            "eta_over_etamax": (ratios, "step ratio eta / eta_max, eta_max = 2/L", "1"),
+            "depth": (depths, "depth L of the residual network (h = S/L)", "layer"),
+        },
+        attrs={
+            "horizon": T,
+            "residual_horizon": cfg.residual_horizon,
+            "ode_alpha": res["ode_alpha"],
+            "level": cfg.level,
+            "n_paths": cfg.n_paths,
+            "substeps": SGDLimit(1.0).n_substeps,
+        },
     )
-    return ds
 
 
 def _residual(cfg: ContinuousLimit, key, depths: np.ndarray) -> dict:

@@ -23,6 +23,7 @@ import models
 from .. import theory
 from ..exponents import sup_exponent
 from ..profile import representation_profile
+from ._data import Variables
 from .config import Grid, NormConfig, PositiveFloat, PositiveInt, Strict
 from .experiment import Check, Experiment
 
@@ -89,27 +90,26 @@ def run(cfg: FeedforwardSpectral, key, progress: bool) -> xr.Dataset:
     bound = np.asarray(theory.feedforward_jacobian_bound(rho_arr[:, None], depth_arr[None, :]))
     finite = np.isfinite(jac) & (jac > 0)
     alpha = np.where(finite, np.log(np.where(finite, jac, 1.0)) / depth_arr[None, None, :], -np.inf)
-    coords = {"activation": list(acts), "rho": rho_arr, "depth": np.asarray(depths)}
     dims = ("activation", "rho", "depth")
     tol = 10 * cfg.norm.rtol
-    ds = xr.Dataset(
-        {
-            "jacobian_norm": (dims, jac, {"long_name": "sup_x ||J F_theta(x)||_2 over probes"}),
-            "jacobian_bound": (("rho", "depth"), bound, {"long_name": "rho^L (Thm 4.1)"}),
-            "alpha_x": (dims, alpha, {"long_name": "(1/L) log sup_x ||JF||: growth rate"}),
-            "alpha_x_bound": ("rho", np.log(rho_arr), {"long_name": "log rho (Thm 4.1)"}),
-            "alpha_x_sup": (
-                dims,
-                alpha_sup,
-                {"long_name": "(1/L) log sup_{0<=k<=L} ||dX_k/dX_0|| (paper's definition)"},
-            ),
-            "max_layer_sigma": (dims, max_sigma, {"long_name": "max_k sigma^x_k (<= rho)"}),
-            "tightness": (dims, jac / bound, {"long_name": "measured / predicted"}),
-            "holds": (dims, jac <= bound * (1 + tol)),
-            "hypothesis": ("rho", rho_arr < 1, {"long_name": "rho < 1 (Thm 4.1 hypothesis)"}),
-            "converged": (dims, converged),
+    v = Variables()
+    v.add("jacobian_norm", dims, jac, "sup over probes x of ||J F_theta(x)||_2")
+    v.add("jacobian_bound", ("rho", "depth"), bound, "predicted bound rho^L (Thm 4.1)")
+    v.add("alpha_x", dims, alpha, "growth rate (1/L) log sup_x ||J F_theta(x)||_2", "1/layer")
+    v.add("alpha_x_bound", ("rho",), np.log(rho_arr), "bound log rho (Thm 4.1)", "1/layer")
+    sup_name = "paper's exponent (1/L) log sup_{0<=k<=L} ||dX_k/dX_0||_2"
+    v.add("alpha_x_sup", dims, alpha_sup, sup_name, "1/layer")
+    v.add("max_layer_sigma", dims, max_sigma, "max over layers k of sigma^x_k (<= rho)")
+    v.add("tightness", dims, jac / bound, "measured / predicted Jacobian norm")
+    v.add("holds", dims, jac <= bound * (1 + tol), "Thm 4.1 bound holds (within tolerance)")
+    v.add("hypothesis", ("rho",), rho_arr < 1, "rho < 1 (the hypothesis of Thm 4.1)")
+    v.add("converged", dims, converged, "every matrix-free norm met its tolerance")
+    return v.dataset(
+        coords={
+            "activation": (list(acts), "activation function", "1"),
+            "rho": (rho_arr, "spectral norm rho = ||W_k||_2 of every weight matrix", "1"),
+            "depth": (np.asarray(depths), "depth L (number of layers)", "layer"),
         },
-        coords=coords,
         attrs={
             "theorem": "Katende (2025) Theorem 4.1",
             "width": cfg.width,
@@ -118,7 +118,6 @@ def run(cfg: FeedforwardSpectral, key, progress: bool) -> xr.Dataset:
             "tolerance": tol,
         },
     )
-    return ds
 
 
 def checks(ds: xr.Dataset) -> list[Check]:

@@ -30,6 +30,7 @@ import models
 
 from .. import theory
 from ..profile import representation_profile
+from ._data import Variables
 from .config import Grid, NormConfig, PositiveFloat, PositiveInt, Strict
 from .experiment import Check, Experiment
 
@@ -143,29 +144,28 @@ def run(cfg: ResidualCFL, key, progress: bool) -> xr.Dataset:
         alpha = np.where(diverged, np.inf, np.log(np.where(diverged, 1.0, jac)) / cfg.depth)
     bound = np.log(c_x)  # = 0.5 log(1 - 2hm + h^2 M_g^2), Theorem 4.3
     tol = 10 * cfg.norm.rtol
-    dims = ("kind", "m", "h_ratio")
-    ds = xr.Dataset(
-        {
-            "h": (dims, h, {"long_name": "residual step h"}),
-            "h_max": (("kind", "m"), h_max, {"long_name": "2m/M_g^2 (eq. 4.3)"}),
-            "M_g": (("kind", "m"), Mg_used, {"long_name": "Jacobian bound M_g of the blocks"}),
-            "jacobian_norm": (dims, jac, {"long_name": "sup_x ||dX_L/dX_0||_2 over probes"}),
-            "alpha_x": (dims, alpha, {"long_name": "(1/L) log sup_x ||dX_L/dX_0||"}),
-            "alpha_x_bound": (dims, bound, {"long_name": "0.5 log(1-2hm+h^2 M_g^2) (Thm 4.3)"}),
-            "layer_factor": (dims, layer, {"long_name": "max_k sup_x ||I + h G_k||_2"}),
-            "layer_bound": (dims, c_x, {"long_name": "c_x(h) (Lemma 4.2)"}),
-            "holds_lemma": (dims, layer <= c_x * (1 + tol)),
-            "holds_theorem": (dims, alpha <= bound + tol),
-            "tightness": (dims, alpha - bound, {"long_name": "measured - predicted exponent"}),
-            "critical_ratio": (
-                ("kind", "m"),
-                crit,
-                {"long_name": "measured h*/h_max where alpha_x reaches 0 (inf: not in grid)"},
-            ),
-            "diverged": (dims, diverged),
-            "converged": (dims, converged),
+    dims, km = ("kind", "m", "h_ratio"), ("kind", "m")
+    v = Variables()
+    v.add("h", dims, h, "residual step h = (h/h_max) h_max")
+    v.add("h_max", km, h_max, "CFL step h_max = 2m/M_g^2 (eq. 4.3)")
+    v.add("M_g", km, Mg_used, "Jacobian bound M_g of the blocks")
+    v.add("jacobian_norm", dims, jac, "sup over probes x of ||dX_L/dX_0||_2")
+    v.add("alpha_x", dims, alpha, "growth rate (1/L) log sup_x ||dX_L/dX_0||_2", "1/layer")
+    v.add("alpha_x_bound", dims, bound, "bound 0.5 log(1-2hm+h^2 M_g^2) (Thm 4.3)", "1/layer")
+    v.add("layer_factor", dims, layer, "max_k sup_x ||I + h G_k||_2")
+    v.add("layer_bound", dims, c_x, "bound c_x(h) on the layer factor (Lemma 4.2)")
+    v.add("holds_lemma", dims, layer <= c_x * (1 + tol), "Lemma 4.2 holds (within tolerance)")
+    v.add("holds_theorem", dims, alpha <= bound + tol, "Thm 4.3 holds (within tolerance)")
+    v.add("tightness", dims, alpha - bound, "measured - predicted exponent", "1/layer")
+    v.add("critical_ratio", km, crit, "measured h*/h_max where alpha_x reaches 0 (inf: none)")
+    v.add("diverged", dims, diverged, "the Jacobian norm is not finite")
+    v.add("converged", dims, converged, "every matrix-free norm met its tolerance")
+    return v.dataset(
+        coords={
+            "kind": (list(kinds), "kind of residual block", "1"),
+            "m": (ms, "dissipativity m of the blocks", "1"),
+            "h_ratio": (ratios, "step ratio h / h_max", "1"),
         },
-        coords={"kind": list(kinds), "m": ms, "h_ratio": ratios},
         attrs={
             "theorem": "Katende (2025) Lemma 4.2, Theorem 4.3, Corollary 4.4",
             "depth": cfg.depth,
@@ -173,7 +173,6 @@ def run(cfg: ResidualCFL, key, progress: bool) -> xr.Dataset:
             "tolerance": tol,
         },
     )
-    return ds
 
 
 def checks(ds: xr.Dataset) -> list[Check]:

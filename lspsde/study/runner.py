@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 import sys
+import zlib
 
 import jax
 import matplotlib
@@ -29,7 +30,17 @@ def _registry() -> dict[str, Experiment]:
 
 
 def _config_hash(name: str, cfg, seed: int) -> str:
-    payload = json.dumps({"name": name, "seed": seed, "cfg": cfg.model_dump()}, sort_keys=True)
+    """What a finished part is: its table, configuration, seed, key stream and code version."""
+    payload = json.dumps(
+        {
+            "name": name,
+            "seed": seed,
+            "key": "fold_in(key(seed), crc32(name))",
+            "version": __version__,
+            "cfg": cfg.model_dump(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -60,16 +71,26 @@ def run_study(
     - `force`: recompute experiments even when a finished part with the same configuration exists.
     """
     config = load_study(study) if not isinstance(study, StudyConfig) else study
-    # Studies compare measurements with bounds to ~1e-8: they run in float64.
-    jax.config.update("jax_enable_x64", True)
-    out = Path(out)
+    # Studies compare measurements with bounds to ~1e-8: they run in float64, and leave the
+    # caller's precision as it was.
+    with jax.enable_x64(True):
+        return _run_study(config, Path(out), progress, force)
+
+
+def experiment_key(key, name: str):
+    """The PRNG key of the experiment table ``[name]``: folded in from its name, so that its
+    numbers do not depend on which other tables the study file holds, or in what order."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _run_study(config: StudyConfig, out: Path, progress: bool | None, force: bool) -> StudyResult:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty()
     registry = _registry()
     key = jax.random.key(config.study.seed)
     datasets: dict[str, xr.Dataset] = {}
-    for i, (name, cfg) in enumerate(config.experiments().items()):
+    for name, cfg in config.experiments().items():
         exp = registry[name]
         part = out / "parts" / f"{name}.nc"
         h = _config_hash(name, cfg, config.study.seed)
@@ -80,7 +101,7 @@ def run_study(
                     _log(f"[{name}] loaded finished part {part}")
                     continue
         _log(f"[{name}] running")
-        ds = exp.run(cfg, jax.random.fold_in(key, i), progress)
+        ds = exp.run(cfg, experiment_key(key, name), progress)
         ds.attrs.update(config_hash=h, config=json.dumps(cfg.model_dump()))
         tmp = part.with_suffix(".nc.tmp")
         ds.to_netcdf(tmp, engine="h5netcdf")

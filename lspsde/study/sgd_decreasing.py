@@ -24,6 +24,7 @@ $\|\partial\theta^t/\partial\theta^0\|_2$ carried forward along ``n_sensitivity`
 $\max_i|\prod_{s<t}(1 - \eta_s\lambda_i)|$.
 """
 
+import collections
 import itertools
 import math
 from typing import Annotated
@@ -45,6 +46,7 @@ from ..schedules import RobbinsMonro
 from ..sweep import Sweep
 from ..system import LearningSystem
 from . import _mc
+from ._data import Variables, stack, stack_estimates
 from .config import Grid, NonNegativeFloat, PositiveFloat, PositiveInt, QuadraticSGD
 from .experiment import Check, Experiment
 
@@ -72,44 +74,6 @@ class SGDDecreasing(QuadraticSGD):
         return self
 
 
-_VARS = (
-    "mean",
-    "lower",
-    "upper",
-    "exact",
-    "scaled",
-    "scaled_exact",
-    "sens",
-    "sens_exact",
-)
-_SCALARS = (
-    "limit",
-    "rate",
-    "tail",
-    "tail_lower",
-    "tail_upper",
-    "tail_exact",
-    "slope",
-    "slope_lower",
-    "slope_upper",
-    "slope_exact",
-    "final",
-    "final_lower",
-    "final_upper",
-    "final_exact",
-    "max_increase_z",
-    "exact_max_increase",
-    "exact_increase_step",
-    "sens_alpha",
-    "sens_sup",
-    "sens_alpha_exact",
-    "sens_sup_exact",
-    "sup_energy",
-    "sup_energy_exact",
-    "diverged",
-)
-
-
 def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
     k_sys, k_sim, k_boot = jax.random.split(key, 3)
     objective, theta0, lam, _ = _mc.rotated_quadratic(
@@ -122,8 +86,6 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
     n_s = steps.size
     c_mus, ps, s1s = np.asarray(cfg.c_mu), np.asarray(cfg.p), np.asarray(cfg.sigma1)
     shape = (c_mus.size, ps.size, s1s.size)
-    arrays = {k: np.full((*shape, n_s), np.nan) for k in _VARS}
-    scalars = {k: np.full(shape, np.nan) for k in _SCALARS}
     # Intervals hold together over the grid (Bonferroni): the band over steps and cases, the
     # three scalar comparisons (final energy, slope, tail constant) over 3 x cases.
     n_cases = int(np.prod(shape))
@@ -151,6 +113,7 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
         for s in range(s1s.size)
     }
     grid = list(itertools.product(*(range(n) for n in shape)))
+    rows = collections.defaultdict(list)
     for a, b, s in tqdm(grid, disable=not progress, desc="sgd_decreasing"):
         c, p, sigma1 = float(c_mus[a] / cfg.mu), float(ps[b]), float(s1s[s])
         idx = (a, b, s)
@@ -161,35 +124,17 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
         est = ens.mean_energy()
         mean, sem = np.asarray(est.mean), np.asarray(est.sem)
         energy, valid = np.asarray(ens.energy), ~np.asarray(ens.diverged)
-        scalars["diverged"][idx] = 1.0 - valid.mean()
         exact_all = np.asarray(
             theory.robbins_monro_mean_square(H, e0, c, cfg.t0, p, cfg.sigma0, sigma1, cfg.n_steps)
         )
         exact = exact_all[steps]
-        arrays["mean"][idx], arrays["exact"][idx] = mean, exact
-        arrays["lower"][idx], arrays["upper"][idx] = mean - z_band * sem, mean + z_band * sem
-        arrays["scaled"][idx], arrays["scaled_exact"][idx] = mean / eta, exact / eta
-        scalars["limit"][idx] = float(theory.robbins_monro_limit(c, lam, cfg.sigma0, p))
-        scalars["rate"][idx] = float(theory.robbins_monro_rate(c, cfg.mu, p))
-        tail = _mc.tail_mean(energy, valid, tail_start, level_c, weight=1.0 / eta)
-        _store(scalars, idx, "tail", tail)
-        scalars["tail_exact"][idx] = float(np.mean(exact[tail_start:] / eta[tail_start:]))
-        _store(scalars, idx, "final", _mc.path_mean(energy[:, -1], valid, level_c))
-        scalars["final_exact"][idx] = exact[-1]
         x = steps[decade] + cfg.t0
         k = jax.random.fold_in(k_boot, int(np.ravel_multi_index(idx, shape)))
         slope = _mc.loglog_slope(x, energy[:, decade], valid, level_c, k)
-        _store(scalars, idx, "slope", {**slope, "mean": slope["slope"]})
-        scalars["slope_exact"][idx] = _mc.ols_slope(np.log(x), np.log(exact[decade]))
         # Theorem 5.3(1): "nonincreasing in expectation", between saved steps.
         inc = np.diff(energy[valid], axis=1)
         z = inc.mean(axis=0) / (inc.std(axis=0, ddof=1) / math.sqrt(inc.shape[0]) + 1e-300)
-        scalars["max_increase_z"][idx] = float(np.max(z))
         d_exact = np.diff(exact_all)
-        scalars["exact_max_increase"][idx] = float(d_exact.max())
-        scalars["exact_increase_step"][idx] = int(np.argmax(d_exact))
-        scalars["sup_energy"][idx] = float(np.nanmax(mean))
-        scalars["sup_energy_exact"][idx] = float(exact_all.max())
         # Theorem 5.3(2): the parametric sensitivity d theta^t / d theta^0 along paths.
         system = LearningSystem(objective, SGD(schedule), noise)
         norms = np.asarray(
@@ -202,75 +147,92 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
                 cfg.save_every,
             )
         )
-        arrays["sens"][idx] = norms.max(axis=0)
-        scalars["sens_sup"][idx] = float(norms.max())
-        scalars["sens_alpha"][idx] = float(np.log(norms[:, -1]).max() / cfg.n_steps)
+        op_norm = np.full(cfg.n_steps + 1, np.nan)  # exact for sigma1 = 0 only
         if sigma1 == 0.0:
             op_norm = _exact_sensitivity(lam, c, cfg.t0, p, cfg.n_steps)
-            arrays["sens_exact"][idx] = op_norm[steps]
-            scalars["sens_sup_exact"][idx] = float(op_norm[steps].max())  # as measured
-            scalars["sens_alpha_exact"][idx] = float(np.log(op_norm[-1]) / cfg.n_steps)
+        for name, value in {
+            "band": {"mean": mean, "lower": mean - z_band * sem, "upper": mean + z_band * sem},
+            "exact": exact,
+            "scaled": mean / eta,
+            "scaled_exact": exact / eta,
+            "sens": norms.max(axis=0),
+            "sens_exact": op_norm[steps],
+            "limit": theory.robbins_monro_limit(c, lam, cfg.sigma0, p),
+            "rate": theory.robbins_monro_rate(c, cfg.mu, p),
+            "tail": _mc.tail_mean(energy, valid, tail_start, level_c, weight=1.0 / eta),
+            "tail_exact": np.mean(exact[tail_start:] / eta[tail_start:]),
+            "slope": {**slope, "mean": slope["slope"]},
+            "slope_exact": _mc.ols_slope(np.log(x), np.log(exact[decade])),
+            "final": _mc.path_mean(energy[:, -1], valid, level_c),
+            "final_exact": exact[-1],
+            "max_increase_z": np.max(z),
+            "exact_max_increase": d_exact.max(),
+            "exact_increase_step": np.argmax(d_exact),
+            "sup_energy": np.nanmax(mean),
+            "sup_energy_exact": exact_all.max(),
+            "sens_alpha": np.log(norms[:, -1]).max() / cfg.n_steps,
+            "sens_sup": norms.max(),
+            "sens_alpha_exact": np.log(op_norm[-1]) / cfg.n_steps,
+            "sens_sup_exact": op_norm[steps].max(),  # as measured
+            "diverged": 1.0 - valid.mean(),
+        }.items():
+            rows[name].append(value)
 
+    def col(name):
+        return stack(rows[name], shape).astype(float)
+
+    def mc(name):
+        return stack_estimates(rows[name], shape)
+
+    v = Variables()
     dims = ("c_mu", "p", "sigma1", "step")
-    cdims = dims[:3]
-    ds = xr.Dataset(
-        {
-            "c": (("c_mu",), c_mus / cfg.mu, {"long_name": "schedule constant c = c_mu / mu"}),
-            "eta": (("c_mu", "p", "step"), _etas(c_mus / cfg.mu, ps, cfg.t0, steps)),
-            "mean_energy": (dims, arrays["mean"], {"long_name": "MC E||theta^t - theta*||^2"}),
-            "energy_lower": (dims, arrays["lower"], {"long_name": "simultaneous band, lower"}),
-            "energy_upper": (dims, arrays["upper"], {"long_name": "simultaneous band, upper"}),
-            "energy_exact": (dims, arrays["exact"], {"long_name": "exact m_t (recursion)"}),
-            "energy_over_eta": (dims, arrays["scaled"], {"long_name": "MC m_t / eta_t"}),
-            "energy_over_eta_exact": (dims, arrays["scaled_exact"]),
-            "sensitivity": (
-                dims,
-                arrays["sens"],
-                {"long_name": "max over paths of ||d theta^t / d theta^0||_2"},
-            ),
-            "sensitivity_exact": (dims, arrays["sens_exact"], {"long_name": "exact (sigma1=0)"}),
-            "limit": (
-                cdims,
-                scalars["limit"],
-                {"long_name": "K = lim m_t / eta_t (theory.robbins_monro_limit); inf: none"},
-            ),
-            "rate": (cdims, scalars["rate"], {"long_name": "r in m_t ~ t^-r"}),
-            "tail_scaled": (cdims, scalars["tail"], {"long_name": "MC tail mean of m_t/eta_t"}),
-            "tail_scaled_lower": (cdims, scalars["tail_lower"]),
-            "tail_scaled_upper": (cdims, scalars["tail_upper"]),
-            "tail_scaled_exact": (cdims, scalars["tail_exact"]),
-            "slope": (cdims, scalars["slope"], {"long_name": "d log m_t / d log(t + t0)"}),
-            "slope_lower": (cdims, scalars["slope_lower"]),
-            "slope_upper": (cdims, scalars["slope_upper"]),
-            "slope_exact": (cdims, scalars["slope_exact"]),
-            "final_energy": (cdims, scalars["final"]),
-            "final_energy_lower": (cdims, scalars["final_lower"]),
-            "final_energy_upper": (cdims, scalars["final_upper"]),
-            "final_energy_exact": (cdims, scalars["final_exact"]),
-            "max_increase_z": (
-                cdims,
-                scalars["max_increase_z"],
-                {"long_name": "largest z-score of an increase of the MC mean between saves"},
-            ),
-            "exact_max_increase": (cdims, scalars["exact_max_increase"]),
-            "exact_increase_step": (cdims, scalars["exact_increase_step"]),
-            "sup_energy": (cdims, scalars["sup_energy"]),
-            "sup_energy_exact": (cdims, scalars["sup_energy_exact"]),
-            "sensitivity_alpha": (
-                cdims,
-                scalars["sens_alpha"],
-                {"long_name": "max over paths (1/T) log ||d theta^T / d theta^0||_2"},
-            ),
-            "sensitivity_sup": (cdims, scalars["sens_sup"]),
-            "sensitivity_alpha_exact": (
-                cdims,
-                scalars["sens_alpha_exact"],
-                {"long_name": "(1/T) log ||prod (I - eta_s H)|| (sigma1 = 0)"},
-            ),
-            "sensitivity_sup_exact": (cdims, scalars["sens_sup_exact"]),
-            "diverged_fraction": (cdims, scalars["diverged"]),
+    cd = dims[:3]
+    sq = "||theta^t - theta*||^2"
+    cs = c_mus / cfg.mu
+    v.add("c", ("c_mu",), cs, "schedule constant c = c_mu / mu")
+    v.add("eta", ("c_mu", "p", "step"), _etas(cs, ps, cfg.t0, steps), "step size c/(t + t0)^p")
+    band = "simultaneous (Bonferroni) band over steps and cases"
+    v.mean_energy(dims, mc("band"), level=cfg.level, interval=band)
+    v.add("energy_exact", dims, col("exact"), f"exact E{sq} (recursion)")
+    v.add("energy_over_eta", dims, col("scaled"), f"MC mean of {sq} / eta_t")
+    v.add("energy_over_eta_exact", dims, col("scaled_exact"), f"exact E{sq} / eta_t")
+    sens = "||d theta^t / d theta^0||_2"
+    v.add("sensitivity", dims, col("sens"), f"max over paths of {sens}")
+    v.add("sensitivity_exact", dims, col("sens_exact"), f"exact {sens} (sigma1 = 0; else NaN)")
+    v.add("limit", cd, col("limit"), "K = lim m_t / eta_t (robbins_monro_limit; inf: none)")
+    v.add("rate", cd, col("rate"), "asymptotic rate r in m_t ~ t^-r")
+    v.estimate("tail_scaled", cd, mc("tail"), "MC tail mean of m_t / eta_t", level=level_c)
+    v.add("tail_scaled_exact", cd, col("tail_exact"), "exact tail mean of m_t / eta_t")
+    slope = "slope of log m_t against log(t + t0) over the last decade of steps"
+    v.estimate("slope", cd, mc("slope"), slope, level=level_c, interval="bootstrap interval")
+    v.add("slope_exact", cd, col("slope_exact"), "the same slope of the exact m_t")
+    v.estimate("final_energy", cd, mc("final"), f"MC mean of {sq} at t = T", level=level_c)
+    v.add("final_energy_exact", cd, col("final_exact"), f"exact E{sq} at t = T")
+    v.add("max_increase_z", cd, col("max_increase_z"), "largest z-score of a rise of the MC mean")
+    v.add("exact_max_increase", cd, col("exact_max_increase"), "max_t of exact m_{t+1} - m_t")
+    v.add(
+        "exact_increase_step",
+        cd,
+        col("exact_increase_step"),
+        "step of the largest exact rise",
+        "step",
+    )
+    v.add("sup_energy", cd, col("sup_energy"), f"max over saved steps of the MC mean {sq}")
+    v.add("sup_energy_exact", cd, col("sup_energy_exact"), f"max over steps of exact E{sq}")
+    sens_alpha = "max over paths of (1/T) log ||d theta^T / d theta^0||_2"
+    v.add("sensitivity_alpha", cd, col("sens_alpha"), sens_alpha, "1/step")
+    v.add("sensitivity_sup", cd, col("sens_sup"), f"max over paths and saved t of {sens}")
+    exact_alpha = "(1/T) log ||prod_s (I - eta_s H)||_2 (sigma1 = 0; else NaN)"
+    v.add("sensitivity_alpha_exact", cd, col("sens_alpha_exact"), exact_alpha, "1/step")
+    v.add("sensitivity_sup_exact", cd, col("sens_sup_exact"), f"max_t exact {sens} (sigma1 = 0)")
+    v.add("diverged_fraction", cd, col("diverged"), "fraction of paths that diverged")
+    return v.dataset(
+        coords={
+            "c_mu": (c_mus, "schedule constant times curvature, c mu", "1"),
+            "p": (ps, "schedule exponent p in eta_t = c / (t + t0)^p", "1"),
+            "sigma1": (s1s, "state-dependent noise scale sigma1", "1"),
+            "step": (steps, "training step t", "step"),
         },
-        coords={"c_mu": c_mus, "p": ps, "sigma1": s1s, "step": steps},
         attrs={
             "theorem": "Katende (2025) Theorem 5.3; rate: lspsde.theory.robbins_monro_limit",
             "mu": cfg.mu,
@@ -290,14 +252,6 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
             "slope_window_start": int(steps[decade][0]),
         },
     )
-    return ds
-
-
-def _store(scalars, idx, name, stats) -> None:
-    """``name``, ``name_lower``, ``name_upper`` from a statistic's mean and interval."""
-    scalars[name][idx] = stats["mean"]
-    scalars[f"{name}_lower"][idx] = stats["lower"]
-    scalars[f"{name}_upper"][idx] = stats["upper"]
 
 
 def _etas(cs, ps, t0, steps):

@@ -9,6 +9,7 @@ import pytest
 import xarray as xr
 
 from lspsde.study import runner
+from lspsde.study._data import missing_cf
 from lspsde.study.schema import StudyConfigError, load_study, parse_study
 
 STUDIES = Path(__file__).parents[2] / "studies"
@@ -28,13 +29,19 @@ def _config():
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("continuous_limit")
-    return runner.run_study(_config(), out, progress=False), out
+    res = runner.run_study(_config(), out, progress=False)
+    # every variable and coordinate has long_name and units
+    assert missing_cf(res.tree["continuous_limit"].to_dataset()) == []
+    return res, out
 
 
 @pytest.mark.slow
 def test_orders_and_failures_are_reported(result):
     res, out = result
-    ds = xr.open_datatree(out / "results.nc", engine="h5netcdf")["continuous_limit"].to_dataset()
+    # closed again at once: the resume test below writes results.nc anew
+    with xr.open_datatree(out / "results.nc", engine="h5netcdf") as tree:
+        ds = tree["continuous_limit"].to_dataset().load()
+    assert missing_cf(ds) == []  # results.nc keeps every long_name and unit
     rows = {(r.theorem, str(r.case)): r for r in res.checks}
     # Li-Tai-E: SGD -> SDE weak order 1 on the coupled Gaussian systems, strong order 1 too
     for system in ("quadratic", "two_layer"):
@@ -66,6 +73,7 @@ def test_orders_and_failures_are_reported(result):
 def test_resume_reuses_the_finished_part(result):
     res, out = result
     again = runner.run_study(_config(), out, progress=False)
+    assert missing_cf(again.tree["continuous_limit"].to_dataset()) == []
     assert [r.measured for r in again.checks] == [r.measured for r in res.checks]
 
 

@@ -14,10 +14,17 @@ import xarray as xr
 
 from lspsde.cli import main
 from lspsde.study import runner
+from lspsde.study._data import missing_cf
 from lspsde.study.schema import StudyConfigError, load_study, parse_study
 
 STUDIES = Path(__file__).parents[2] / "studies"
 SIZE = os.environ.get("LSPSDE_STUDY_SIZE", "ci" if os.environ.get("CI") else "full")
+
+
+def _described(tree):
+    """Every variable and coordinate of every study dataset has CF long_name and units."""
+    for name, node in tree.children.items():
+        assert missing_cf(node.to_dataset()) == [], name
 
 
 def _reduced(config):
@@ -50,6 +57,7 @@ def test_quickstart_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "0 where the predicted bound does not hold" in printed
     tree = xr.open_datatree(out / "results.nc", engine="h5netcdf")
+    _described(tree)  # what the file holds describes itself
     ff = tree["feedforward_spectral"].to_dataset()
     rc = tree["residual_cfl"].to_dataset()
     assert bool(ff.holds.all())
@@ -82,6 +90,7 @@ def test_resume_loads_finished_parts(tmp_path, monkeypatch):
         }
     )
     first = runner.run_study(config, tmp_path, progress=False)
+    _described(first.tree)
     part = tmp_path / "parts" / "feedforward_spectral.nc"
     assert part.exists()
 
@@ -95,6 +104,7 @@ def test_resume_loads_finished_parts(tmp_path, monkeypatch):
         lambda: {"feedforward_spectral": dataclasses.replace(exp, run=boom)},
     )
     second = runner.run_study(config, tmp_path, progress=False)
+    _described(second.tree)  # a resumed part keeps its attributes
     xr.testing.assert_identical(
         first.tree["feedforward_spectral"].to_dataset().drop_attrs(),
         second.tree["feedforward_spectral"].to_dataset().drop_attrs(),
@@ -110,6 +120,7 @@ def test_feedforward_spectral_study(tmp_path):
     config = _reduced(load_study(STUDIES / "feedforward_spectral.toml"))
     res = runner.run_study(config, tmp_path, progress=False)
     ds = res.tree["feedforward_spectral"].to_dataset()
+    _described(res.tree)
     assert bool(ds.converged.all())
     assert bool(ds.holds.all()), "Theorem 4.1 failed: see report.md"
     np.testing.assert_allclose(ds.tightness.sel(activation="identity"), 1.0, rtol=1e-9)
@@ -128,6 +139,7 @@ def test_residual_cfl_study(tmp_path):
     config = _reduced(load_study(STUDIES / "residual_cfl.toml"))
     res = runner.run_study(config, tmp_path, progress=False)
     ds = res.tree["residual_cfl"].to_dataset()
+    _described(res.tree)
     ok = ~ds.diverged
     assert bool((ds.holds_theorem | ~ok).all()) and bool((ds.holds_lemma | ~ok).all())
     np.testing.assert_allclose(ds.critical_ratio.sel(kind="linear_shared"), 1.0, atol=1e-5)
