@@ -24,6 +24,7 @@ It owns every piece of running many paths of a learning system:
 """
 
 from collections.abc import Callable
+import dataclasses
 import math
 import os
 import re
@@ -38,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._checks import check_positive, check_positive_int
+from .sweep import Sweep
 from .system import LearningSystem
 
 __all__ = [
@@ -366,6 +368,39 @@ def _run_chunk(path_fn, system, sweep_field, swept, batch_size, args, ids):
         return over_paths(eqx.tree_at(lambda s: getattr(s, sweep_field), system, module), ids)
 
     return jax.lax.map(at_grid_point, arrays, batch_size=batch_size)
+
+
+def grid_point(result: eqx.Module, g: int, what: str) -> eqx.Module:
+    """Grid point ``g`` of a sweep's result (an ``Ensemble``, an ``ExponentDistribution``):
+    every array field but ``steps`` indexed at ``g`` on its leading grid axis, and no grid."""
+    if result.grid_name is None:
+        raise ValueError(f"This {what} has no grid (it was not run with an lspsde.Sweep).")
+    pick = lambda x: None if x is None else jax.tree.map(lambda a: a[g], x)
+    per_point = {
+        f.name: pick(getattr(result, f.name))
+        for f in dataclasses.fields(result)
+        if not f.metadata.get("static", False) and f.name not in ("steps", "grid")
+    }
+    return dataclasses.replace(result, **per_point, grid=None, grid_name=None)
+
+
+def split_sweep(update, noise) -> tuple:
+    """``(update, noise, (field, batched module) | None, sweep | None)``; at most one sweep,
+    and the system holds grid point 0 for the checks."""
+    sweeps = {f: m for f, m in (("update", update), ("noise", noise)) if isinstance(m, Sweep)}
+    if len(sweeps) > 1:
+        raise ValueError(
+            "Sweep either the update or the noise model, not both: a grid over two factors is "
+            "a product; build it with `itertools.product` as one Sweep of one of them, or run "
+            "one sweep per value of the other."
+        )
+    if not sweeps:
+        return update, noise, None, None
+    ((field, sweep),) = sweeps.items()
+    batched = (field, sweep.module, sweep.batch_size)
+    if field == "update":
+        return sweep.at(0), noise, batched, sweep
+    return update, sweep.at(0), batched, sweep
 
 
 def run_ensemble(

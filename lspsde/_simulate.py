@@ -31,10 +31,12 @@ from ._ensemble import (
     check_run,
     check_start,
     check_step,
+    grid_point,
     guarded_step,
     named_leaves,
     run_ensemble,
     saved_steps,
+    split_sweep,
     sq_norm,
 )
 from .noise import AbstractNoise
@@ -116,24 +118,7 @@ class Ensemble(eqx.Module):
     def at(self, g: int) -> "Ensemble":
         """The ensemble of grid point ``g`` of a sweep: what a plain ``simulate`` call with the
         ``g``-th module returns (bit for bit with the default ``Sweep(batch_size=None)``)."""
-        if self.grid_name is None:
-            raise ValueError("This ensemble has no grid (it was not run with an lspsde.Sweep).")
-        pick = lambda x: None if x is None else jax.tree.map(lambda a: a[g], x)
-        return Ensemble(
-            theta=pick(self.theta),
-            final_theta=pick(self.final_theta),
-            energy=pick(self.energy),
-            loss=pick(self.loss),
-            diverged=pick(self.diverged),
-            divergence_step=pick(self.divergence_step),
-            steps=self.steps,
-            grid=None,
-            n_steps=self.n_steps,
-            save_every=self.save_every,
-            save=self.save,
-            divergence_threshold=self.divergence_threshold,
-            chunk_size=self.chunk_size,
-        )
+        return grid_point(self, g, "ensemble")
 
     def alive(self) -> Bool[Array, "*grid path step"]:
         """Whether each path is still alive (not diverged) at each saved step."""
@@ -343,25 +328,6 @@ def default_chunk_size(n_paths: int, n_params: int, n_saved: int, itemsize: int,
     return memory_plan(n_params, n_saved, itemsize, keep).chunk_size(n_paths)
 
 
-def _split_sweep(update, noise) -> tuple:
-    """``(update, noise, (field, batched module) | None, sweep | None)``; at most one sweep,
-    and the system holds grid point 0 for the checks."""
-    sweeps = {f: m for f, m in (("update", update), ("noise", noise)) if isinstance(m, Sweep)}
-    if len(sweeps) > 1:
-        raise ValueError(
-            "Sweep either the update or the noise model, not both: a grid over two factors is "
-            "a product; build it with `itertools.product` as one Sweep of one of them, or run "
-            "one sweep per value of the other."
-        )
-    if not sweeps:
-        return update, noise, None, None
-    ((field, sweep),) = sweeps.items()
-    batched = (field, sweep.module, sweep.batch_size)
-    if field == "update":
-        return sweep.at(0), noise, batched, sweep
-    return update, sweep.at(0), batched, sweep
-
-
 def simulate(
     objective: AbstractObjective,
     update: AbstractParameterFlow | Sweep,
@@ -434,7 +400,7 @@ def simulate(
     shape and dtype (checked with ``eval_shape``), a non-finite ``theta0`` or one beyond the
     threshold, or a noise model whose ``check(objective, theta0)`` fails.
     """
-    update, noise, batched, sweep = _split_sweep(update, noise)
+    update, noise, batched, sweep = split_sweep(update, noise)
     system = LearningSystem(objective, update, noise)  # checks the three types
     run = check_run(
         n_paths=n_paths,

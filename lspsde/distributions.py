@@ -62,16 +62,19 @@ from ._ensemble import (
     check_run,
     check_start,
     check_step,
+    grid_point,
     named_leaves,
     run_ensemble,
+    split_sweep,
     sq_norm,
 )
-from ._simulate import simulate_path
+from ._simulate import add_cf_attrs, simulate_path
 from .exponents import mean_log_norm, stability_exponents
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
 from .parameter import AbstractParameterFlow
 from .profile import DEPTH_BLOCKS, TIME_BLOCKS, NormOptions, learning_profile
+from .sweep import Sweep
 from .system import LearningSystem
 
 __all__ = ["EXPONENT_NAMES", "ExponentDistribution", "exponent_distribution"]
@@ -90,6 +93,37 @@ EXPONENT_NAMES = (
 """The per-path variables summarised by [`ExponentDistribution.summary`][] (those present)."""
 
 _PROFILE_NAMES = (*TIME_BLOCKS, "energy")
+_CF = {  # CF (long_name, units) of every variable of `to_datatree`, by name prefix
+    "alpha_theta_sup": (
+        "sup-form parametric exponent (1/T) log sup_t ||dtheta^t/dtheta^0||",
+        "1/step",
+    ),
+    "alpha_theta": ("parametric exponent (1/T) log ||dtheta^T/dtheta^0||_2", "1/step"),
+    "alpha_u": ("temporal exponent (1/T) log sup_t ||dtheta^t/du^{0:t}||_2", "1/step"),
+    "alpha_x": ("depth exponent (1/L) log ||dX_L/dX_0||_2 at T", "1/layer"),
+    "energy_exponent": ("energy exponent (1/T) log(||e_T|| / ||e_0||)", "1/step"),
+    "sup_sigma_theta": ("sup over saved steps of sigma^theta_t", "1"),
+    "mean_log_sigma_theta": ("mean over saved steps t < T of log sigma^theta_t", "1"),
+    "sup_sigma_u": ("sup over saved steps of sigma^u_t", "1"),
+    "sup_sigma_x": ("sup over saved steps and layers of sigma^x_{k,t}", "1"),
+    "sigma_theta": ("one-step parametric block ||dtheta^{t+1}/dtheta^t||_2", "1"),
+    "sigma_u": ("one-step update-noise block ||dtheta^{t+1}/du^t||_2", "1"),
+    "sigma_x": ("one-step depth block ||dX_{k+1}/dX_k||_2", "1"),
+    "cum_theta": ("cumulative parametric block ||dtheta^t/dtheta^0||_2", "1"),
+    "cum_u": ("cumulative noise block ||dtheta^t/du^{0:t}||_2", "1"),
+    "cum_x": ("cumulative depth block ||dX_k/dX_0||_2", "1"),
+    "log_cum_theta": ("log ||dtheta^t/dtheta^0||_2", "1"),
+    "log_cum_u": ("log ||dtheta^t/du^{0:t}||_2", "1"),
+    "loss": ("objective L(theta^t)", "1"),
+    "energy": ("squared distance to the minimiser ||theta^t - theta*||^2", "1"),
+    "final_theta": ("final parameters theta^T", "1"),
+    "diverged": ("whether the path diverged (or its profile could not be computed)", "1"),
+    "divergence_step": ("first step of divergence (-1: none)", "step"),
+    "converged": ("every matrix-free norm of the path met its tolerance", "1"),
+    "step": ("training step t", "step"),
+    "path": ("Monte Carlo path index", "1"),
+    "layer": ("layer k", "1"),
+}
 _DEPTH_NAMES = DEPTH_BLOCKS
 
 
@@ -128,39 +162,46 @@ class ExponentDistribution(eqx.Module):
     tolerance), `steps`, and static metadata.
     """
 
-    alpha_theta: Float[Array, " path"]
-    alpha_theta_sup: Float[Array, " path"]
-    alpha_u: Float[Array, " path"] | None
-    energy_exponent: Float[Array, " path"] | None
-    sup_sigma_theta: Float[Array, " path"]
-    mean_log_sigma_theta: Float[Array, " path"]
-    sup_sigma_u: Float[Array, " path"] | None
-    alpha_x: Float[Array, " path"] | None
-    sup_sigma_x: Float[Array, " path"] | None
-    sigma_theta: Float[Array, "path step"]
-    sigma_u: Float[Array, "path step"] | None
-    cum_theta: Float[Array, "path step"]
-    cum_u: Float[Array, "path step"] | None
-    log_cum_theta: Float[Array, "path step"]
-    log_cum_u: Float[Array, "path step"] | None
-    loss: Float[Array, "path step"]
-    energy: Float[Array, "path step"] | None
-    sigma_x: Float[Array, "path step layer"] | None
-    cum_x: Float[Array, "path step layer"] | None
-    final_theta: PyTree[Float[Array, "path ..."]] | None
-    diverged: Bool[Array, " path"]
-    divergence_step: Int[Array, " path"]
-    converged: Bool[Array, " path"]
+    alpha_theta: Float[Array, "*grid path"]
+    alpha_theta_sup: Float[Array, "*grid path"]
+    alpha_u: Float[Array, "*grid path"] | None
+    energy_exponent: Float[Array, "*grid path"] | None
+    sup_sigma_theta: Float[Array, "*grid path"]
+    mean_log_sigma_theta: Float[Array, "*grid path"]
+    sup_sigma_u: Float[Array, "*grid path"] | None
+    alpha_x: Float[Array, "*grid path"] | None
+    sup_sigma_x: Float[Array, "*grid path"] | None
+    sigma_theta: Float[Array, "*grid path step"]
+    sigma_u: Float[Array, "*grid path step"] | None
+    cum_theta: Float[Array, "*grid path step"]
+    cum_u: Float[Array, "*grid path step"] | None
+    log_cum_theta: Float[Array, "*grid path step"]
+    log_cum_u: Float[Array, "*grid path step"] | None
+    loss: Float[Array, "*grid path step"]
+    energy: Float[Array, "*grid path step"] | None
+    sigma_x: Float[Array, "*grid path step layer"] | None
+    cum_x: Float[Array, "*grid path step layer"] | None
+    final_theta: PyTree[Float[Array, "..."]] | None
+    diverged: Bool[Array, "*grid path"]
+    divergence_step: Int[Array, "*grid path"]
+    converged: Bool[Array, "*grid path"]
     steps: Int[Array, " step"]
     n_steps: int = eqx.field(static=True)
     save_every: int = eqx.field(static=True)
     divergence_threshold: float = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
     method: str = eqx.field(static=True)
+    grid: Array | None = None
+    grid_name: str | None = eqx.field(static=True, default=None)
 
     @property
     def n_paths(self) -> int:
-        return self.diverged.shape[0]
+        return self.diverged.shape[-1]
+
+    def at(self, g: int) -> "ExponentDistribution":
+        """The distribution of grid point ``g`` of a sweep: what a plain call with the
+        ``g``-th module returns (bit for bit with the default ``Sweep(batch_size=None)``)."""
+        return grid_point(self, g, "distribution")
 
     @property
     def n_diverged(self) -> int:
@@ -168,13 +209,19 @@ class ExponentDistribution(eqx.Module):
         return int(jnp.sum(self.diverged))
 
     @property
-    def valid(self) -> Bool[Array, " path"]:
+    def valid(self) -> Bool[Array, "*grid path"]:
         """The paths that did not diverge: those that enter the statistics."""
         return ~self.diverged
 
     def exponents(self, *, valid_only: bool = False) -> dict[str, np.ndarray]:
         """``{name: per-path values}`` for the exponents present (see ``EXPONENT_NAMES``),
-        restricted to the non-diverged paths with ``valid_only``."""
+        restricted to the non-diverged paths with ``valid_only`` (not for a sweep, whose
+        grid points keep different paths: use ``at(g)``)."""
+        if valid_only and self.grid_name is not None:
+            raise ValueError(
+                "A sweep's grid points keep different paths: take `.at(g).exponents(...)` for "
+                "grid point g."
+            )
         keep = np.asarray(self.valid) if valid_only else slice(None)
         return {
             name: np.asarray(getattr(self, name))[keep]
@@ -196,27 +243,38 @@ class ExponentDistribution(eqx.Module):
         - ``/final``: $\theta^T$ per leaf (``final_theta...``), if kept;
         - ``/status``: ``diverged``, ``divergence_step``, ``converged``.
 
-        The configuration, updated with ``attrs``, is in the root's attributes.
+        A sweep's grid is the dimension ``grid_name`` after ``path``, labelled with its values;
+        its grid points keep different paths, so there ``/exponents`` holds every path with
+        NaN at the diverged ones (ArviZ's statistics then skip nothing silently: summarise a
+        grid point with ``.at(g)``, or the whole grid with [`summary`][]). Every variable has
+        CF ``long_name`` and ``units``. The configuration, updated with ``attrs``, is in the
+        root's attributes.
         """
         import arviz_base
 
+        grid = [] if self.grid_name is None else [self.grid_name]
+        first = (lambda v: np.moveaxis(np.asarray(v), 0, 1)) if grid else np.asarray
         data: dict[str, dict[str, np.ndarray]] = {"profile": {}}
         dims: dict[str, list[str]] = {}
         for name in _PROFILE_NAMES + _DEPTH_NAMES:
             value = getattr(self, name)
             if value is not None:
-                data["profile"][name] = np.asarray(value)
-                dims[name] = ["step"] if name in _PROFILE_NAMES else ["step", "layer"]
+                data["profile"][name] = first(value)
+                dims[name] = [*grid, "step"] + ([] if name in _PROFILE_NAMES else ["layer"])
         if self.final_theta is not None:
-            data["final"] = named_leaves(self.final_theta, "final_theta")
+            data["final"] = {
+                k: first(v) for k, v in named_leaves(self.final_theta, "final_theta").items()
+            }
             for name, v in data["final"].items():
                 base = name.removeprefix("final_")
-                dims[name] = [f"{base}_dim_{i}" for i in range(v.ndim - 1)]
+                dims[name] = [*grid, *(f"{base}_dim_{i}" for i in range(v.ndim - 1 - len(grid)))]
         data["status"] = {
-            "diverged": np.asarray(self.diverged),
-            "divergence_step": np.asarray(self.divergence_step),
-            "converged": np.asarray(self.converged),
+            "diverged": first(self.diverged),
+            "divergence_step": first(self.divergence_step),
+            "converged": first(self.converged),
         }
+        for name in data["status"]:
+            dims[name] = grid
         config = {
             "n_paths": self.n_paths,
             "n_diverged": self.n_diverged,
@@ -232,17 +290,28 @@ class ExponentDistribution(eqx.Module):
         coords: dict[str, Any] = {"step": np.asarray(self.steps)}
         if self.sigma_x is not None:
             coords["layer"] = np.arange(self.sigma_x.shape[-1])
+        if grid:
+            coords[self.grid_name] = np.asarray(self.grid)
         tree = arviz_base.from_dict(
             data, sample_dims=["path"], dims=dims, coords=coords, attrs={"/": config}
         )
-        valid_ids = np.flatnonzero(np.asarray(self.valid))
-        exps = arviz_base.from_dict(
-            {"exponents": self.exponents(valid_only=True)},
-            sample_dims=["path"],
-            coords={"path": valid_ids},
-        )
+        if grid:
+            valid = np.asarray(self.valid)
+            exponents = {k: first(np.where(valid, v, np.nan)) for k, v in self.exponents().items()}
+            exps = arviz_base.from_dict(
+                {"exponents": exponents},
+                sample_dims=["path"],
+                dims={k: grid for k in exponents},
+                coords={self.grid_name: np.asarray(self.grid)},
+            )
+        else:
+            exps = arviz_base.from_dict(
+                {"exponents": self.exponents(valid_only=True)},
+                sample_dims=["path"],
+                coords={"path": np.flatnonzero(np.asarray(self.valid))},
+            )
         tree["exponents"] = exps["exponents"]
-        return tree
+        return add_cf_attrs(tree, _CF)
 
     def summary(
         self,
@@ -272,13 +341,27 @@ class ExponentDistribution(eqx.Module):
         ``pandas.DataFrame`` with one row per variable; ``"xarray"``: a ``Dataset`` with dim
         ``summary``).
 
+        For a sweep, one summary per grid point (of its own non-diverged paths), stacked on the
+        grid: a ``DataFrame`` indexed by ``(grid value, variable)``, or a ``Dataset`` with the
+        grid dimension.
+
         **Raises:** ``ValueError`` for unknown names or options, or when fewer than two paths
-        did not diverge.
+        (of a grid point) did not diverge.
         """
         import arviz_base
         import arviz_stats
+        import pandas as pd
         import xarray as xr
 
+        if self.grid_name is not None:  # one summary per grid point, stacked on the grid
+            values = np.asarray(self.grid)
+            parts = [
+                self.at(g).summary(var_names, ci_prob=ci_prob, ci_kind=ci_kind, fmt=fmt)
+                for g in range(values.shape[0])
+            ]
+            if fmt == "xarray":
+                return xr.concat(parts, dim=pd.Index(values, name=self.grid_name))
+            return pd.concat(parts, keys=list(values), names=[self.grid_name, "variable"])
         if ci_kind not in ("hdi", "eti"):
             raise ValueError(f"`ci_kind` must be 'hdi' or 'eti', got {ci_kind!r}.")
         if fmt not in ("wide", "xarray"):
@@ -403,8 +486,12 @@ def memory_plan(
     max_steps: int,
     itemsize: int,
     dense: bool,
+    grid: int = 1,
+    batch: int = 1,
 ) -> MemoryPlan:
-    r"""The memory of one path of [`exponent_distribution`][].
+    r"""The memory of one path of [`exponent_distribution`][], over ``grid`` grid points run
+    ``batch`` at a time (the result is held for every grid point, the working set for the
+    ``batch`` that run at once).
 
     With $d$ parameters, $m$ noise entries per step, horizon $T$ and $k$ = ``max_steps``
     (clipped to the dimension), a path's profile holds the trajectory and the draws
@@ -422,8 +509,8 @@ def memory_plan(
         per_path += 2 * min(max_steps, n_params) * 2 * n_params
         per_path += 2 * min(max_steps, max(tm, 1)) * (tm + n_params)
     return MemoryPlan(
-        result_per_path=itemsize * (8 * n_saved + n_params + 16),
-        work_per_path=itemsize * per_path,
+        result_per_path=grid * itemsize * (8 * n_saved + n_params + 16),
+        work_per_path=min(grid, batch) * itemsize * per_path,
         what="profile blocks at every saved step and the final theta",
         fixes="Use fewer paths, a shorter horizon, or `keep_final=False`.",
     )
@@ -445,7 +532,8 @@ def default_chunk_size(
 
 
 def exponent_distribution(
-    system: LearningSystem | tuple[AbstractObjective, AbstractParameterFlow, AbstractNoise],
+    system: LearningSystem
+    | tuple[AbstractObjective, AbstractParameterFlow | Sweep, AbstractNoise | Sweep],
     theta0: PyTree[ArrayLike],
     *,
     key: PRNGKeyArray,
@@ -472,7 +560,10 @@ def exponent_distribution(
     **Arguments:**
 
     - `system`: a [`LearningSystem`][lspsde.system.LearningSystem] (with a representation and
-      probes for the depth blocks), or a tuple ``(objective, update, noise)``.
+      probes for the depth blocks), or a tuple ``(objective, update, noise)``, in which
+      `update` or `noise` may be a [`Sweep`][lspsde.Sweep]: the grid runs as one compiled
+      program, as in ``simulate``, every array of the result gains a leading grid axis
+      (``.at(g)`` is grid point ``g``), and path $p$ draws the same noise at every grid point.
     - `theta0`: $\theta^0$, a pytree of floating arrays shared by all paths.
     - `key`: a JAX PRNG key.
     - `n_paths`, `n_steps`: the number of paths and the horizon $T$.
@@ -505,13 +596,16 @@ def exponent_distribution(
     threshold, or that one update step does not map to its own shape, or a noise model whose
     ``check(objective, theta0)`` fails.
     """
+    batched = sweep = None
     if isinstance(system, tuple):
         if len(system) != 3:
             raise TypeError(
                 "`system` must be a LearningSystem or a tuple (objective, update, noise), got a "
                 f"tuple of length {len(system)}."
             )
-        system = LearningSystem(*system)
+        objective, update, noise = system
+        update, noise, batched, sweep = split_sweep(update, noise)
+        system = LearningSystem(objective, update, noise)
     if not isinstance(system, LearningSystem):
         raise TypeError(
             "`system` must be a LearningSystem or a tuple (objective, update, noise), got "
@@ -534,7 +628,14 @@ def exponent_distribution(
     )
     itemsize = max(jnp.result_type(a).itemsize for a in jax.tree.leaves(theta0))
     plan = memory_plan(
-        _size(theta0), n_noise, n_steps, len(run.steps), max_steps, itemsize, method == "dense"
+        _size(theta0),
+        n_noise,
+        n_steps,
+        len(run.steps),
+        max_steps,
+        itemsize,
+        method == "dense",
+        *((1, 1) if sweep is None else (sweep.size, sweep.batch_size or 1)),
     )
     plan.check(n_paths)
     check_step(system, theta0, key)  # one update step, abstractly, and the noise model's checks
@@ -548,6 +649,7 @@ def exponent_distribution(
         (theta0, key, threshold, n_steps, save_every, norm, keep_final),
         n_paths=n_paths,
         chunk_size=chunk_size,
+        sweep=batched,
         progress=progress,
         desc="exponent_distribution",
     )
@@ -589,4 +691,6 @@ def exponent_distribution(
         divergence_threshold=run.divergence_threshold,
         chunk_size=chunk_size,
         method=method,
+        grid=None if sweep is None else sweep.values,
+        grid_name=None if sweep is None else sweep.name,
     )

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import lspsde
 import lspsde._ensemble
 from lspsde._simulate import simulate
 import lspsde.distributions as distributions
@@ -422,6 +423,42 @@ def test_a_tuple_system_is_the_learning_system(additive):
         (s.objective, s.update, s.noise), jnp.zeros(D), key=KEY, n_paths=6, **COMMON
     )
     np.testing.assert_array_equal(dist.final_theta, additive.final_theta)
+
+
+def test_a_sweep_is_the_loop_to_the_bit_and_carries_its_grid(additive):
+    s = _system(sigma1=SIGMA1)
+    etas = [0.05, ETA, 0.9]  # 0.9 * 3 > 2: the last grid point's paths explode
+    sweep = lspsde.Sweep([GradientDescent(e) for e in etas], name="eta", values=etas)
+    kw = dict(key=KEY, n_paths=6, **COMMON)
+    dist = exponent_distribution((s.objective, sweep, s.noise), jnp.zeros(D), **kw)
+    assert dist.grid_name == "eta" and dist.alpha_theta.shape == (3, 6) and dist.n_paths == 6
+    for g, eta in enumerate(etas):
+        one = exponent_distribution(
+            (s.objective, GradientDescent(eta), s.noise), jnp.zeros(D), **kw
+        )
+        at = dist.at(g)
+        for f in ("alpha_theta", "alpha_u", "sigma_theta", "log_cum_u", "energy", "final_theta"):
+            np.testing.assert_array_equal(getattr(at, f), getattr(one, f), err_msg=f)
+        np.testing.assert_array_equal(at.diverged, one.diverged)
+    # the summary is per grid point, over that point's own paths
+    table = dist.summary(["alpha_theta"])
+    assert list(table.index.get_level_values("eta")) == etas
+    for g, eta in enumerate(etas):
+        np.testing.assert_allclose(
+            table.loc[(eta, "alpha_theta"), "mean"], np.mean(dist.at(g).alpha_theta)
+        )
+    tree = dist.to_datatree()
+    assert tree["profile"]["sigma_theta"].dims == ("path", "eta", "step")
+    np.testing.assert_array_equal(tree["exponents"]["eta"], etas)
+    assert all(
+        v.attrs.get("long_name") and v.attrs.get("units")
+        for node in tree.subtree
+        for v in node.ds.variables.values()
+    )
+    with pytest.raises(ValueError, match="no grid"):
+        additive.at(0)
+    with pytest.raises(ValueError, match="at\\(g\\)"):
+        dist.exponents(valid_only=True)
 
 
 # ----------------------------------------------------------------------------------------------
