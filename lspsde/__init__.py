@@ -8,7 +8,14 @@ closed-form prediction of the theory (``lspsde.theory``) next to the measurement
 
 __version__ = "0.1.0"
 
-from . import limits as limits, linalg as linalg, theory as theory
+from . import (
+    constants as constants,
+    limits as limits,
+    linalg as linalg,
+    lipschitz as lipschitz,
+    nonsmooth as nonsmooth,
+    theory as theory,
+)
 from ._simulate import (
     Ensemble as Ensemble,
     MeanEstimate as MeanEstimate,
@@ -39,6 +46,14 @@ from .limits import (
     strong_error as strong_error,
     weak_error as weak_error,
 )
+from .lipschitz import (
+    expected_second_order as expected_second_order,
+    spectral_step_decomposition as spectral_step_decomposition,
+    SpectralStep as SpectralStep,
+    top_singular_expansion as top_singular_expansion,
+    top_singular_hessian as top_singular_hessian,
+    TopSingularExpansion as TopSingularExpansion,
+)
 from .lyapunov import (
     flow_map as flow_map,
     lyapunov_spectrum as lyapunov_spectrum,
@@ -55,6 +70,23 @@ from .noise import (
     MinibatchNoise as MinibatchNoise,
     NoNoise as NoNoise,
     StudentTNoise as StudentTNoise,
+)
+from .nonsmooth import (
+    AbstractConstraint as AbstractConstraint,
+    AbstractProximalFlow as AbstractProximalFlow,
+    AbstractRegularizer as AbstractRegularizer,
+    Affine as Affine,
+    Ball as Ball,
+    Box as Box,
+    ElasticNet as ElasticNet,
+    Elementwise as Elementwise,
+    generalized_jacobian_norm as generalized_jacobian_norm,
+    GeneralizedJacobianNorm as GeneralizedJacobianNorm,
+    L1 as L1,
+    L2 as L2,
+    ProjectedGradient as ProjectedGradient,
+    ProximalGradient as ProximalGradient,
+    Simplex as Simplex,
 )
 from .objectives import (
     AbstractObjective as AbstractObjective,
