@@ -77,18 +77,18 @@ def default_noise(dim: int, batch_size: int, sigma1: float = 0.3) -> list[dict]:
 
 
 # Arguments the ablation fills from its own problem when a noise table leaves them out; the
-# magnitude (``scale``, ``sigma0``) is then matched to the data by ``noise.matched``.
+# magnitude (the field named by the class's ``magnitude``) is matched by ``noise.matched``.
 _FROM_PROBLEM = ("data_size", "batch_size")
-_MAGNITUDES = ("scale", "sigma0", "data_size")
 
 
 def label(noise) -> str:
-    """``Kind(arg=value, ...)`` for the arguments that tell two models of one kind apart (not
-    the magnitude, which the ablation matches, nor the data size)."""
+    """``Kind(arg=value, ...)`` for the scalar arguments that tell two models of one kind apart
+    (not the magnitude, which the ablation matches, nor the data size)."""
+    skip = {type(noise).magnitude, "data_size"}
     args = [
         f"{k}={float(v):g}"
         for k in noise_parameters(type(noise).__name__)
-        if k not in _MAGNITUDES and np.ndim(v := getattr(noise, k)) == 0
+        if k not in skip and np.ndim(v := getattr(noise, k)) == 0
     ]
     return type(noise).__name__ + (f"({', '.join(args)})" if args else "")
 
