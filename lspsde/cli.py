@@ -27,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.study}: OK ({', '.join(config.experiments())})")
         return 0
 
-    from .study.runner import run_study
+    from .study.runner import StudyOutputError, run_study
 
     progress = False if args.quiet else None  # None: bars when stderr is a terminal
-    result = run_study(config, args.out, progress=progress, force=args.force)
+    try:
+        result = run_study(config, args.out, progress=progress, force=args.force)
+    except (StudyConfigError, StudyOutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n_fail = sum(1 for c in result.checks if c.holds is False)
     print(f"wrote {len(result.files)} files to {result.out}:")
     for f in result.files:

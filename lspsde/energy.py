@@ -196,7 +196,9 @@ def fit_recursion(
     $m_0 \sim \mathcal{N}(\hat m_0, \max(\hat m_0, \hat s_0))$.
 
     **Arguments:** saved ``steps`` (shape ``(K,)``), per-path ``energy`` ``(path, K)``, the
-    ``valid`` mask of non-diverged paths, a PRNG ``key``; ``max_points`` thins the steps.
+    ``valid`` mask of non-diverged paths (a path marked valid must be finite, else a
+    ``ValueError``; with ``valid=None`` non-finite paths are dropped), a PRNG ``key``;
+    ``max_points`` thins the steps.
     """
     import numpyro
     import numpyro.distributions as dist
@@ -208,6 +210,15 @@ def fit_recursion(
     e, v = _as_energy(energy, valid)
     if t.shape != (e.shape[1],):
         raise ValueError(f"`steps` must have shape ({e.shape[1]},), got {t.shape}.")
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"`steps` must be finite; {int((~np.isfinite(t)).sum())} are not.")
+    if valid is not None:
+        bad = np.flatnonzero(np.asarray(valid, dtype=bool) & ~np.all(np.isfinite(e), axis=1))
+        if bad.size:
+            raise ValueError(
+                f"{bad.size} path(s) marked valid have a non-finite energy (first: path "
+                f"{bad[0]}); mark diverged paths invalid, or pass valid=None to drop them."
+            )
     idx = np.unique(np.linspace(0, t.size - 1, min(max_points, t.size)).round().astype(int))
     t, e = t[idx], e[v][:, idx]
     n = e.shape[0]

@@ -82,12 +82,19 @@ def parse_study(data: dict, *, source: str = "<study>") -> StudyConfig:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study TOML file."""
+    """Read and validate a study TOML file; ``StudyConfigError`` for a missing, unreadable,
+    non-UTF-8 or invalid one."""
     path = Path(path)
     if not path.is_file():
         raise StudyConfigError(f"No study file at {str(path)!r}.")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise StudyConfigError(
+            f"{path} is not a UTF-8 text file (byte {e.start}: {e.reason}); a study file is TOML."
+        ) from None
+    except OSError as e:
+        raise StudyConfigError(f"Cannot read the study file {path}: {e.strerror}.") from None
     except tomllib.TOMLDecodeError as e:
         raise StudyConfigError(f"{path} is not valid TOML: {e}") from None
     return parse_study(data, source=str(path))

@@ -481,11 +481,15 @@ def summary(ds: xr.Dataset) -> str:
         f"{ds.attrs['L']:g}], GaussianNoise(sigma0={ds.attrs['sigma0']:g}, "
         f"sigma1={ds.attrs['sigma1']:g}), eta_max = {ds.attrs['eta_max']:.4g}, "
         f"{ds.attrs['n_paths']} paths x {ds.attrs['n_steps']} steps per eta. "
-        f"Below eta_max: diverged fraction {div[below].max(initial=0):.3g} (max over the grid); "
-        f"fitted q below q(eta) (posterior) in {n_q} of {int(fit_ok.sum())} testable cases; the "
-        f"stationary bound is {tight.min(initial=np.inf):.2f}-{tight.max(initial=0):.2f} times "
-        "the exact level. "
-        f"The exact stability boundary (rho(M) = 1) is eta* = {star:.3f} eta_max: "
+        + (
+            f"Below eta_max: diverged fraction {div[below].max(initial=0):.3g} (max over the "
+            f"grid); fitted q below q(eta) (posterior) in {n_q} of {int(fit_ok.sum())} testable "
+            f"cases; the stationary bound is {tight.min(initial=np.inf):.2f}-"
+            f"{tight.max(initial=0):.2f} times the exact level. "
+            if tight.size
+            else "No grid point lies below eta_max, where Theorem 5.2 applies. "
+        )
+        + f"The exact stability boundary (rho(M) = 1) is eta* = {star:.3f} eta_max: "
         + (
             "Theorem 5.2's eta_max is sharp here. "
             if abs(star - 1) < 1e-6
@@ -493,7 +497,9 @@ def summary(ds: xr.Dataset) -> str:
             "quadratic is stable (q(eta) bounds every direction by the worst curvature L). "
         )
         + (
-            f"Measured: first divergence at eta = {first_div.min():g} eta_max."
+            "Measured: every path diverged at every grid point."
+            if np.all(div >= 1)
+            else f"Measured: first divergence at eta = {first_div.min():g} eta_max."
             if first_div.size
             else "Measured: no path diverged on the grid."
         )
