@@ -53,6 +53,7 @@ BENCHES: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
     "limits": [("limits", "bench_limits.py", ["--repeats", "2"], ["--quick", "--repeats", "2"])],
     "lyapunov": [("lyapunov", "bench_lyapunov.py", [], ["--quick", "--repeats", "5"])],
     "profile": [("profile", "bench_profile.py", [], ["--quick", "--no-memory", "--repeats", "3"])],
+    "lipschitz": [("lipschitz", "bench_lipschitz.py", [], ["--quick"])],
 }
 
 

@@ -14,8 +14,13 @@ those terms exactly, from one full SVD $W = U \operatorname{diag}(\sigma) V^\top
 - :func:`spectral_step_decomposition`: one SGD step split into drift, noise, second-order
   (Itô) term and an $O(\eta^3)$ residual.
 
-(Tracking $\sigma_1$ of large layers needs only the top pair: that is
-``lspsde.linalg.operator_norm``, matrix-free. The exact second-order term needs every pair.)
+Tracking $\sigma_1$ of large layers needs only the top pair, matrix-free
+(``lipschitz.tracking``): :func:`spectral_norm_trajectory` (every 2-D floating leaf of $\theta$
+is a layer; warm-started power iteration along an SGD run, the product bound
+$\prod_l \sigma_1(W_l)$ and a convergence residual per step), :func:`spectral_norms` (one step,
+for a hand-written loop), :func:`spectral_norms_along` (a stored trajectory) and
+:func:`lipschitz_estimate` (the data-dependent $\max_i \|\partial F/\partial x(x_i)\|_2$). The
+exact second-order term needs every pair.
 
 **§1 The dilation.** $H(W) = \begin{pmatrix} 0 & W \\ W^\top & 0 \end{pmatrix}$ is symmetric,
 linear in $W$, and has the eigenpairs $\pm\sigma_j$, $(u_j, \pm v_j)/\sqrt2$ ($j \le r$), and $0$,
@@ -102,12 +107,32 @@ from .expansion import (
     top_singular_hessian,
 )
 from .step import SpectralStep, spectral_step_decomposition
+from .tracking import (
+    LipschitzEstimate,
+    SpectralNorms,
+    SpectralNormTrajectory,
+    init_vectors,
+    lipschitz_estimate,
+    spectral_norm_trajectory,
+    spectral_norms,
+    spectral_norms_along,
+    weight_matrices,
+)
 
 __all__ = [
+    "LipschitzEstimate",
+    "SpectralNormTrajectory",
+    "SpectralNorms",
     "SpectralStep",
     "TopSingularExpansion",
     "expected_second_order",
+    "init_vectors",
+    "lipschitz_estimate",
+    "spectral_norm_trajectory",
+    "spectral_norms",
+    "spectral_norms_along",
     "spectral_step_decomposition",
     "top_singular_expansion",
     "top_singular_hessian",
+    "weight_matrices",
 ]

@@ -282,7 +282,9 @@ class MinibatchNoise(AbstractNoise):
         r"""No draw gives $G = \nabla\mathcal{L}$ unless $B = n$: examples $0..B-1$."""
         return jnp.arange(self.batch_size)
 
-    def _per_example(self, objective: AbstractObjective, theta: PyTree[Array], idx: Array) -> Array:
+    def _per_example(
+        self, objective: AbstractObjective, theta: PyTree[Array], idx: Array
+    ) -> PyTree[Array]:
         _finite_sum(objective, self.data_size)
         return jax.vmap(jax.grad(objective.per_example_loss), in_axes=(None, 0))(theta, idx)
 
