@@ -48,6 +48,14 @@ from .limits import (
 )
 from .lipschitz import (
     expected_second_order as expected_second_order,
+    lipschitz_estimate as lipschitz_estimate,
+    LipschitzEstimate as LipschitzEstimate,
+    spectral_norm_trajectory as spectral_norm_trajectory,
+    spectral_norms as spectral_norms,
+    spectral_norms_along as spectral_norms_along,
+    SpectralNorms as SpectralNorms,
+    SpectralNormTrajectory as SpectralNormTrajectory,
+    weight_matrices as weight_matrices,
     spectral_step_decomposition as spectral_step_decomposition,
     SpectralStep as SpectralStep,
     top_singular_expansion as top_singular_expansion,

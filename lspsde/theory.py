@@ -18,6 +18,7 @@ paper's symbols:
 | Robbins–Monro | $\sum\eta_t = \infty$, $\sum \eta_t^2 < \infty$ | Theorem 5.3 |
 | Robbins–Monro rate, $p = 1$ | $tm_t \to \sum_i c^2\sigma_0^2/(d(2c\lambda_i - 1))$ | Theorem 5.3 |
 | Robbins–Monro rate, $p < 1$ | $m_t/\eta_t \to \sum_i \sigma_0^2/(2d\lambda_i)$ | Theorem 5.3 |
+| mean-field depth exponent | $\frac12\log\chi_1$ ([`mean_field`][]) | Poole et al. (2016) |
 
 **A correction to Theorem 5.2(2).** The paper defines $\alpha_\theta$ through the operator norm
 of the sensitivity $\partial\theta^t/\partial\theta^0$ (Section 2), and states
@@ -44,10 +45,13 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Real
 import numpy as np
 
 from ._checks import _concrete_array, check_positive, check_positive_int
+from .mean_field import MeanField, mean_field
 
 __all__ = [
+    "MeanField",
     "feedforward_exponent_bound",
     "feedforward_jacobian_bound",
+    "mean_field",
     "residual_contraction",
     "residual_exponent_bound",
     "residual_optimal_step",
