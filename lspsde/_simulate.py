@@ -204,10 +204,10 @@ class Ensemble(eqx.Module):
         tree = arviz_base.from_dict(
             data, sample_dims=["path"], dims=dims, coords=coords, attrs={"/": config}
         )
-        return add_cf_attrs(tree, _CF)
+        return add_cf_attrs(tree, ENSEMBLE_CF)
 
 
-_CF = {
+ENSEMBLE_CF = {  # CF (long_name, units) of the variables of `Ensemble.to_datatree`
     "theta": ("parameters theta^t at the saved steps", "1"),
     "final_theta": ("final parameters theta^T", "1"),
     "energy": ("squared distance to the minimiser ||theta^t - theta*||^2", "1"),

@@ -68,7 +68,7 @@ from ._ensemble import (
     split_sweep,
     sq_norm,
 )
-from ._simulate import add_cf_attrs, simulate_path
+from ._simulate import ENSEMBLE_CF, add_cf_attrs, simulate_path
 from .exponents import mean_log_norm, stability_exponents
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
@@ -94,6 +94,7 @@ EXPONENT_NAMES = (
 
 _PROFILE_NAMES = (*TIME_BLOCKS, "energy")
 _CF = {  # CF (long_name, units) of every variable of `to_datatree`, by name prefix
+    **ENSEMBLE_CF,  # loss, energy, final_theta, step, path as in simulate's results
     "alpha_theta_sup": (
         "sup-form parametric exponent (1/T) log sup_t ||dtheta^t/dtheta^0||",
         "1/step",
@@ -114,14 +115,9 @@ _CF = {  # CF (long_name, units) of every variable of `to_datatree`, by name pre
     "cum_x": ("cumulative depth block ||dX_k/dX_0||_2", "1"),
     "log_cum_theta": ("log ||dtheta^t/dtheta^0||_2", "1"),
     "log_cum_u": ("log ||dtheta^t/du^{0:t}||_2", "1"),
-    "loss": ("objective L(theta^t)", "1"),
-    "energy": ("squared distance to the minimiser ||theta^t - theta*||^2", "1"),
-    "final_theta": ("final parameters theta^T", "1"),
     "diverged": ("whether the path diverged (or its profile could not be computed)", "1"),
     "divergence_step": ("first step of divergence (-1: none)", "step"),
     "converged": ("every matrix-free norm of the path met its tolerance", "1"),
-    "step": ("training step t", "step"),
-    "path": ("Monte Carlo path index", "1"),
     "layer": ("layer k", "1"),
 }
 _DEPTH_NAMES = DEPTH_BLOCKS

@@ -112,11 +112,9 @@ def _solve(phi, sw, sb, q0, z, w, zc, wc, max_iter, tol):
         done = (jnp.abs(new - q) <= tol * q) | (new < 1e-200) | ~(new < 1e300)
         return new, done, i + 1
 
-    q, _, _ = jax.lax.while_loop(
+    q, q_ok, _ = jax.lax.while_loop(
         lambda st: ~st[1] & (st[2] < max_iter), q_body, (jnp.asarray(q0), False, 0)
     )
-    last = sw * mean(phi(jnp.sqrt(q) * z) ** 2) + sb
-    q_ok = (jnp.abs(last - q) <= 10 * tol * q) | (q < 1e-200) | ~(q < 1e300)
     q = jnp.where(q < 1e-200, 0.0, jnp.where(q < 1e300, q, jnp.inf))
     q_eval = jnp.where((q > 0) & jnp.isfinite(q), q, 1.0)  # homogeneous: q-independent
     u = jnp.sqrt(q_eval) * z

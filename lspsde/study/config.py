@@ -152,9 +152,11 @@ def _noise_class(kind: str) -> type:
     return classes[kind]
 
 
-def noise_parameters(kind: str) -> dict[str, inspect.Parameter]:
-    """The constructor arguments of the noise model ``kind`` (a study file's table keys)."""
-    params = inspect.signature(_noise_class(kind)).parameters
+def noise_parameters(kind: str | type) -> dict[str, inspect.Parameter]:
+    """The constructor arguments of the noise model ``kind`` (a study file's table keys);
+    ``kind`` is a name as [`parse_noise`][] takes it, or the class itself."""
+    cls = kind if isinstance(kind, type) else _noise_class(kind)
+    params = inspect.signature(cls).parameters
     return {k: p for k, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
@@ -178,7 +180,8 @@ def parse_noise(table: object):
         )
     params = dict(table)
     kind = params.pop("kind")
-    allowed = noise_parameters(kind)
+    cls = _noise_class(kind)
+    allowed = noise_parameters(cls)
     unknown = sorted(set(params) - set(allowed))
     missing = [k for k, p in allowed.items() if p.default is p.empty and k not in params]
     if unknown or missing:
@@ -190,7 +193,7 @@ def parse_noise(table: object):
     }
     try:
         with jax.enable_x64(True):
-            return _noise_class(kind)(**params)
+            return cls(**params)
     except (TypeError, ValueError) as e:
         raise ValueError(f"noise kind {kind!r} with {params}: {e}") from None
 
@@ -198,9 +201,8 @@ def parse_noise(table: object):
 def noise_table(noise) -> dict:
     """The study-file table of a noise model (the inverse of [`parse_noise`][]): ``kind`` and
     every constructor argument, read from the field of the same name."""
-    kind = type(noise).__name__
-    table: dict = {"kind": kind}
-    for name in noise_parameters(kind):
+    table: dict = {"kind": type(noise).__name__}
+    for name in noise_parameters(type(noise)):
         value = getattr(noise, name)
         table[name] = value.tolist() if hasattr(value, "tolist") else value
     return table
