@@ -16,6 +16,7 @@ from . import (
     nonsmooth as nonsmooth,
     theory as theory,
 )
+from .adaptive import HeavyBall as HeavyBall, Optax as Optax
 from ._simulate import (
     Ensemble as Ensemble,
     MeanEstimate as MeanEstimate,
@@ -103,6 +104,8 @@ from .objectives import (
 )
 from .parameter import (
     AbstractParameterFlow as AbstractParameterFlow,
+    AbstractStatefulFlow as AbstractStatefulFlow,
+    FlowState as FlowState,
     GradientDescent as GradientDescent,
     SGD as SGD,
     SubgradientMethod as SubgradientMethod,

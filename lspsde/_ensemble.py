@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._checks import check_positive, check_positive_int
+from .parameter import AbstractStatefulFlow
 from .sweep import Sweep
 from .system import LearningSystem
 
@@ -56,6 +57,7 @@ __all__ = [
     "run_ensemble",
     "saved_steps",
     "sq_norm",
+    "state_size",
 ]
 
 # Default chunking: a chunk's estimated working set is kept under this many bytes.
@@ -70,6 +72,13 @@ CHUNK_BUDGET_BYTES = 2**30
 def sq_norm(tree: PyTree[Array]) -> Array:
     r"""$\|\theta\|^2$ summed over all leaves."""
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def state_size(system: LearningSystem, theta0: PyTree[Array]) -> int:
+    """Numbers in the state the flow carries from ``theta0`` ($\theta$ and any optimiser
+    state), from shapes alone."""
+    state = eqx.filter_eval_shape(system.init_state, theta0)
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(state))
 
 
 def describe(tree: PyTree) -> str:
@@ -180,15 +189,18 @@ def check_step(system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray)
         "give `theta0` the structure, shapes and dtype the objective expects (for a network: "
         "`lspsde.parameters(network)`; for a d-dimensional quadratic: shape (d,))."
     )
-    one_step = lambda s, th, k: s.parameter_map(0, th, s.noise_at(k, 0, th))
+
+    def one_step(s, th, k):
+        state = s.init_state(th)
+        return state, s.parameter_map(0, state, s.noise_at(k, 0, state))
+
     try:
-        out = eqx.filter_eval_shape(one_step, system, theta0, key)
+        want, out = eqx.filter_eval_shape(one_step, system, theta0, key)
     except Exception as err:
         raise ValueError(
             f"One update step (noise.sample, noise.gradient, update) fails at `theta0` "
             f"{describe(theta0)}: {err}\nIf `theta0` is at fault, {fix}"
         ) from err
-    want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), theta0)
     if jax.tree.structure(out) != jax.tree.structure(want) or any(
         (a.shape, a.dtype) != (b.shape, b.dtype)
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True)
@@ -329,17 +341,29 @@ class MemoryPlan(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+def _finite(tree: PyTree[Array]) -> Array:
+    """Whether every floating leaf of ``tree`` is finite."""
+    floats = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    leaves = [jnp.all(jnp.isfinite(a)) for a in floats]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def guarded_step(system: LearningSystem, k_p: PRNGKeyArray, threshold: Array) -> Callable:
-    r"""``step((theta, div_step), t) -> (theta, div_step)``: one step of path ``k_p`` under the
+    r"""``step((state, div_step), t) -> (state, div_step)``: one step of path ``k_p`` under the
     divergence rule. A path whose new $\theta$ is not finite or has $\|\theta\| >$
-    ``threshold`` is frozen at its last admissible value, and ``div_step`` (``-1`` while alive)
-    records the first such step $t + 1$."""
+    ``threshold`` (or, for a flow with optimiser state, whose state is not finite) is frozen at
+    its last admissible state, and ``div_step`` (``-1`` while alive) records the first such
+    step $t + 1$."""
+    stateful = isinstance(system.update, AbstractStatefulFlow)
 
     def step(carry, t):
         theta, div_step = carry
         new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
         # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
-        frozen = (div_step >= 0) | ~(jnp.sqrt(sq_norm(new)) <= threshold)
+        ok = jnp.sqrt(sq_norm(system.params(new))) <= threshold
+        if stateful:  # a non-finite momentum or moment estimate is divergence too
+            ok = ok & _finite(new)
+        frozen = (div_step >= 0) | ~ok
         theta = jax.tree.map(lambda old, nw: jnp.where(frozen, old, nw), theta, new)
         div_step = jnp.where((div_step < 0) & frozen, t + 1, div_step)
         return theta, div_step

@@ -38,6 +38,7 @@ from ._ensemble import (
     saved_steps,
     split_sweep,
     sq_norm,
+    state_size,
 )
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
@@ -276,23 +277,29 @@ def simulate_path(system, theta0, key, threshold, n_steps, save_every, keep_thet
 
     def block(carry, start):
         carry = advance(carry, start, save_every)
-        return carry, record(carry[0])
+        return carry, record(system.params(carry[0]))
 
     n_blocks, remainder = divmod(n_steps, save_every)
-    carry = (theta0, jnp.full((), -1, dtype=int))
+    carry = (system.init_state(theta0), jnp.full((), -1, dtype=int))
     records = [jax.tree.map(lambda x: x[None], record(theta0))]
     carry, saved = jax.lax.scan(block, carry, jnp.arange(n_blocks) * save_every)
     records.append(saved)
     if remainder:
         carry = advance(carry, n_blocks * save_every, remainder)
-        records.append(jax.tree.map(lambda x: x[None], record(carry[0])))
+        records.append(jax.tree.map(lambda x: x[None], record(system.params(carry[0]))))
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *records)
-    out["final_theta"], out["divergence_step"] = carry
+    out["final_theta"], out["divergence_step"] = system.params(carry[0]), carry[1]
     return out
 
 
 def memory_plan(
-    n_params: int, n_saved: int, itemsize: int, keep: bool, grid: int = 1, batch: int = 1
+    n_params: int,
+    n_saved: int,
+    itemsize: int,
+    keep: bool,
+    grid: int = 1,
+    batch: int = 1,
+    n_state: int | None = None,
 ) -> MemoryPlan:
     r"""The memory of one path of ``simulate``, over ``grid`` grid points run ``batch`` at a
     time.
@@ -301,12 +308,14 @@ def memory_plan(
     step, and $\theta^T$, for every grid point. Working set: the saved outputs counted twice
     (scan buffers and their concatenation) for every grid point, and eight parameter-sized
     buffers for one step ($\theta$, $u$, $G$, the candidate, RNG bits) for the ``batch`` grid
-    points that run at once. Memory the objective needs internally (e.g. activations over a
-    data set) is not counted: pass ``chunk_size`` for such models.
+    points that run at once; they are ``n_state`` numbers each (default ``n_params``) when the
+    flow carries an optimiser state beside $\theta$. Memory the objective needs internally
+    (e.g. activations over a data set) is not counted: pass ``chunk_size`` for such models.
     """
     saved = n_saved * (n_params if keep else 0) + 2 * n_saved
     result = itemsize * (saved + n_params) + 16
-    work = itemsize * (grid * 2 * saved + min(grid, batch) * _STEP_BUFFERS * n_params)
+    n_state = n_params if n_state is None else n_state
+    work = itemsize * (grid * 2 * saved + min(grid, batch) * _STEP_BUFFERS * n_state)
     return MemoryPlan(
         result_per_path=grid * result,
         work_per_path=work,
@@ -417,7 +426,8 @@ def simulate(
     n_params = sum(a.size for a in jax.tree.leaves(theta0))
     keep_theta = save == "trajectory"
     grid, batch = (1, 1) if sweep is None else (sweep.size, sweep.batch_size or 1)
-    plan = memory_plan(n_params, len(run.steps), itemsize, keep_theta, grid, batch)
+    n_state = state_size(system, theta0)  # theta and any optimiser state
+    plan = memory_plan(n_params, len(run.steps), itemsize, keep_theta, grid, batch, n_state)
     plan.check(run.n_paths)  # from shapes alone: refused before anything is traced
     check_step(system, theta0, key)
     chunk = run.chunk_size or plan.chunk_size(run.n_paths)

@@ -67,6 +67,7 @@ from ._ensemble import (
     run_ensemble,
     split_sweep,
     sq_norm,
+    state_size,
 )
 from ._simulate import ENSEMBLE_CF, add_cf_attrs, simulate_path
 from .exponents import mean_log_norm, stability_exponents
@@ -470,10 +471,6 @@ def _one_path(system, theta0, key, threshold, n_steps, save_every, norm, keep_fi
     return out
 
 
-def _size(tree: PyTree) -> int:
-    return sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
-
-
 def memory_plan(
     n_params: int,
     n_noise: int,
@@ -618,13 +615,16 @@ def exponent_distribution(
     NormOptions(method, max_steps, rtol)  # checks the three norm options
     check_key(key)
     theta0 = check_start(theta0, run.divergence_threshold)
-    u_shape = jax.eval_shape(lambda th: system.noise_at(jax.random.key(0), 0, th), theta0)
+    check_step(system, theta0, key)  # one update step, abstractly, and the noise model's checks
+    u_shape = eqx.filter_eval_shape(
+        lambda s, th: s.noise_at(jax.random.key(0), 0, s.init_state(th)), system, theta0
+    )
     n_noise = sum(
         math.prod(a.shape) for a in jax.tree.leaves(u_shape) if jnp.issubdtype(a.dtype, jnp.inexact)
     )
     itemsize = max(jnp.result_type(a).itemsize for a in jax.tree.leaves(theta0))
     plan = memory_plan(
-        _size(theta0),
+        state_size(system, theta0),
         n_noise,
         n_steps,
         len(run.steps),
@@ -634,7 +634,6 @@ def exponent_distribution(
         *((1, 1) if sweep is None else (sweep.size, sweep.batch_size or 1)),
     )
     plan.check(n_paths)
-    check_step(system, theta0, key)  # one update step, abstractly, and the noise model's checks
     chunk_size = min(run.chunk_size or plan.chunk_size(n_paths), n_paths)
     threshold = jnp.asarray(run.divergence_threshold, dtype=float)
     # The iteration controls are static: normalise them where unused, to share the program.

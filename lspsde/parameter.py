@@ -59,6 +59,15 @@ class AbstractParameterFlow(eqx.Module):
     ) -> None:
         r"""Check, before anything is compiled, that this flow fits the objective and noise."""
 
+    def init(self, theta0: PyTree[Array]) -> PyTree[Array]:
+        r"""The state the engine carries, from $\theta^0$: $\theta^0$ itself for a flow
+        without optimiser state (a [`FlowState`][] for an [`AbstractStatefulFlow`][])."""
+        return theta0
+
+    def params(self, state: PyTree[Array]) -> PyTree[Array]:
+        r"""$\theta^t$ from the carried state (the inverse of [`init`][]'s embedding)."""
+        return state
+
 
 class SGD(AbstractParameterFlow):
     r"""(Stochastic) gradient descent $\theta^{t+1} = \theta^t - \eta_t G(\theta^t, u^t)$
@@ -95,3 +104,48 @@ GradientDescent = SGD
 SubgradientMethod = SGD
 """The (stochastic) subgradient method of Section 6: [`SGD`][] (``jax.grad`` picks a Clarke
 subgradient at kinks)."""
+
+
+class FlowState(eqx.Module):
+    r"""The joint state $(\theta^t, s^t)$ of a flow with optimiser state $s^t$ (a momentum
+    buffer, Adam's moments and step count, ...): what the ensemble engine carries from step to
+    step for an [`AbstractStatefulFlow`][]. Every consumer of a trajectory reads $\theta^t$
+    (``theta``); the Jacobian blocks of the profile differentiate the whole state (its floating
+    leaves: an integer step count has no derivative)."""
+
+    theta: PyTree[Array]
+    opt_state: PyTree[Array]
+
+
+class AbstractStatefulFlow(AbstractParameterFlow):
+    r"""An update rule with an optimiser state, $(\theta^{t+1}, s^{t+1}) =
+    \mathcal{A}_t(\theta^t, s^t; G(\theta^t, u^t))$.
+
+    The state that ``simulate``, the learning profile and ``exponent_distribution`` carry is the
+    [`FlowState`][] ``(theta, opt_state)``, built by [`init`][] from $\theta^0$. So the
+    profile's $\sigma^\theta_t$ and the exponent $\alpha_\theta$ are norms of the Jacobian of
+    the *full* step with respect to the full state (for heavy ball on a quadratic, the
+    companion matrix), and the noise, loss, energy and divergence rule read $\theta^t$.
+    Subclasses implement [`init_opt_state`][] and [`__call__`][] on a ``FlowState``.
+    """
+
+    @abc.abstractmethod
+    def init_opt_state(self, theta0: PyTree[Array]) -> PyTree[Array]:
+        r"""$s^0$ from $\theta^0$."""
+
+    @abc.abstractmethod
+    def __call__(self, t: ArrayLike, state: FlowState, grad: PyTree[Array]) -> FlowState:
+        r"""One step at time ``t`` from $(\theta^t, s^t)$ with the gradient $G$ at
+        $\theta^t$."""
+
+    def init(self, theta0: PyTree[Array]) -> FlowState:
+        return FlowState(theta0, self.init_opt_state(theta0))
+
+    def params(self, state: FlowState) -> PyTree[Array]:
+        return state.theta
+
+    def draw(self, objective, noise, key, state: FlowState) -> PyTree:
+        return noise.sample(key, state.theta)
+
+    def step(self, objective, noise, t, state: FlowState, u) -> FlowState:
+        return self(t, state, noise.gradient(objective, state.theta, u))

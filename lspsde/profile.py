@@ -202,18 +202,27 @@ class StabilityProfile(eqx.Module):
 
 @eqx.filter_jit
 def _learning_profile(system, theta0, key, n_steps, save_every, options):
-    thetas, us = parameter_trajectory(system, theta0, n_steps=n_steps, key=key)
+    states, us = parameter_trajectory(system, theta0, n_steps=n_steps, key=key)
     steps = jnp.asarray(saved_steps(n_steps, save_every))
     discrete_u = not all(jnp.issubdtype(u.dtype, jnp.inexact) for u in jax.tree.leaves(us))
     cum_method = "lanczos" if options.method == "auto" else options.method
+    # The blocks differentiate the carried state's floating leaves (theta, and a flow's
+    # optimiser state); integer leaves (a step count) are held at their values along the path.
+    floats, ints = eqx.partition(states, eqx.is_inexact_array)
+    at_step = lambda tree, s: jax.tree.map(lambda a: a[s], tree)
+
+    def step_map(s, x, u):
+        new = system.parameter_map(s, eqx.combine(x, at_step(ints, s)), u)
+        return eqx.filter(new, eqx.is_inexact_array)
 
     def at(t):
-        theta_t = jax.tree.map(lambda a: a[t], thetas)
-        u_t = system.noise_at(key, t, theta_t)
-        s_th, ok1 = options.norm(lambda th: system.parameter_map(t, th, u_t), theta_t)
+        x_t = at_step(floats, t)
+        theta_t = system.params(eqx.combine(x_t, at_step(ints, t)))
+        u_t = system.noise_at(key, t, eqx.combine(x_t, at_step(ints, t)))
+        s_th, ok1 = options.norm(lambda x: step_map(t, x, u_t), x_t)
         c_th, ok3, c_u, ok4 = log_cumulative_norms(
-            system.parameter_map,
-            thetas,
+            step_map,
+            floats,
             us,
             t,
             method=cum_method,
@@ -225,7 +234,7 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options):
             s_u = jnp.array(0.0)
             ok2 = jnp.array(True)
         else:
-            s_u, ok2 = options.norm(lambda u: system.parameter_map(t, theta_t, u), u_t)
+            s_u, ok2 = options.norm(lambda u: step_map(t, x_t, u), u_t)
         loss = system.objective.loss(theta_t)
         ok = ok1 & ok2 & ok3 & ok4
         if system.representation is None:

@@ -23,7 +23,9 @@ from .representation import AbstractRepresentationFlow
 
 
 class LearningState(eqx.Module):
-    r"""$S^t = (X_0^t, \dots, X_L^t, \theta^t)$; ``xs`` is empty without a representation."""
+    r"""$S^t = (X_0^t, \dots, X_L^t, \theta^t)$; ``xs`` is empty without a representation.
+    ``theta`` is the flow's carried state: $\theta^t$ itself, or a ``FlowState`` $(\theta^t,
+    s^t)$ for a flow with optimiser state (``lspsde.HeavyBall``, ``lspsde.Optax``)."""
 
     xs: tuple[Array, ...]
     theta: PyTree[Array]
@@ -74,8 +76,18 @@ class LearningSystem(eqx.Module):
         return eqx.combine(theta, structure)
 
     def parameter_map(self, t: ArrayLike, theta: PyTree[Array], u: PyTree[Array]) -> PyTree[Array]:
-        r"""$\mathcal{A}_t(\theta, u)$ (``update.step``)."""
+        r"""$\mathcal{A}_t(\theta, u)$ (``update.step``), on the carried state (``theta``
+        itself, or a ``FlowState`` for a flow with optimiser state: see [`init_state`][])."""
         return self.update.step(self.objective, self.noise, t, theta, u)
+
+    def init_state(self, theta0: PyTree[Array]) -> PyTree[Array]:
+        r"""The state the parameter flow carries from $\theta^0$: $\theta^0$ itself, or
+        ``FlowState(theta0, s0)`` for a flow with optimiser state (``update.init``)."""
+        return self.update.init(theta0)
+
+    def params(self, state: PyTree[Array]) -> PyTree[Array]:
+        r"""$\theta^t$ from the carried state (``update.params``)."""
+        return self.update.params(state)
 
     def representations(self, theta: PyTree[Array]) -> tuple[Array, ...]:
         r"""$(X_0, \dots, X_L)$ of the probes under $\theta$, each batched over probes."""
@@ -85,12 +97,12 @@ class LearningSystem(eqx.Module):
 
     def init(self, theta0: PyTree[Array]) -> LearningState:
         r"""$S^0$ from $\theta^0$."""
-        return LearningState(self.representations(theta0), theta0)
+        return LearningState(self.representations(theta0), self.init_state(theta0))
 
     def step(self, t: ArrayLike, state: LearningState, u: PyTree[Array]) -> LearningState:
         r"""The joint one-step map $S^{t+1} = \Phi_t(S^t; u^t)$."""
         theta = self.parameter_map(t, state.theta, u)
-        return LearningState(self.representations(theta), theta)
+        return LearningState(self.representations(self.params(theta)), theta)
 
     def noise_at(self, key: PRNGKeyArray, t: ArrayLike, theta: PyTree[Array]) -> PyTree[Array]:
         r"""$u^t$, drawn from ``fold_in(key, t)`` so that it depends only on ``(key, t)``."""
@@ -107,14 +119,15 @@ def parameter_trajectory(
     r"""Iterate $\theta^{t+1} = \mathcal{A}_t(\theta^t, u^t)$ for ``n_steps`` steps, the
     draws $u^t$ from ``fold_in(key, t)``.
 
-    **Returns:** ``(thetas, us)``: $\theta^0..\theta^T$ stacked on a leading axis of size
-    ``n_steps + 1``, and the draws $u^0..u^{T-1}$ (leading axis ``n_steps``).
+    **Returns:** ``(thetas, us)``: the carried states $\theta^0..\theta^T$ stacked on a leading
+    axis of size ``n_steps + 1`` (for a flow with optimiser state, a stacked ``FlowState``:
+    ``system.params`` gives $\theta$), and the draws $u^0..u^{T-1}$ (leading axis ``n_steps``).
     """
 
     def body(theta, t):
         u = system.noise_at(key, t, theta)
         return system.parameter_map(t, theta, u), (theta, u)
 
-    last, (thetas, us) = jax.lax.scan(body, theta0, jnp.arange(n_steps))
+    last, (thetas, us) = jax.lax.scan(body, system.init_state(theta0), jnp.arange(n_steps))
     thetas = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), thetas, last)
     return thetas, us

@@ -373,15 +373,17 @@ def _trajectory_impl(system, theta0, key, n_steps, n_iter, warm_start, init_step
     vectors = _init_impl(theta0, init_steps) if warm_start else None
 
     def body(carry, t):
-        theta, vs = carry
+        state, vs = carry
+        theta = system.params(state)
         norms, vs = _step(theta, vectors_at(t, theta, vs), n_iter)
-        u = system.noise_at(key, t, theta)
-        theta = system.parameter_map(t, theta, u)
-        return (theta, vs), norms
+        state = system.parameter_map(t, state, system.noise_at(key, t, state))
+        return (state, vs), norms
 
     if vectors is None:
         vectors = _cold_vectors(theta0, cold_key)
-    (last, vs), norms = jax.lax.scan(body, (theta0, vectors), jnp.arange(n_steps))
+    init = (system.init_state(theta0), vectors)
+    (last, vs), norms = jax.lax.scan(body, init, jnp.arange(n_steps))
+    last = system.params(last)
     final, vs = _step(last, vectors_at(n_steps, last, vs), n_iter)
     cat = lambda a, b: jnp.concatenate([a, b[None]])
     return SpectralNormTrajectory(
