@@ -78,6 +78,7 @@ from .noise import (
     IsotropicGaussian as IsotropicGaussian,
     MinibatchNoise as MinibatchNoise,
     NoNoise as NoNoise,
+    StreamNoise as StreamNoise,
     StudentTNoise as StudentTNoise,
 )
 from .nonsmooth import (

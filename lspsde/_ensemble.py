@@ -181,10 +181,15 @@ def check_start(
     return theta0
 
 
-def check_step(system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray) -> None:
+def check_step(
+    system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray, n_steps: int | None = None
+) -> None:
     """One step, abstractly (``eval_shape``: traced, not compiled), must keep ``theta0``'s
-    structure, shapes and dtypes; the flow's and the noise model's own checks run first."""
+    structure, shapes and dtypes; the flow's and the noise model's own checks run first (with
+    ``n_steps``, the noise model's ``check_horizon`` too)."""
     system.update.check(system.objective, system.noise, theta0)
+    if n_steps is not None:
+        system.noise.check_horizon(n_steps)
     fix = (
         "give `theta0` the structure, shapes and dtype the objective expects (for a network: "
         "`lspsde.parameters(network)`; for a d-dimensional quadratic: shape (d,))."

@@ -429,7 +429,7 @@ def simulate(
     n_state = state_size(system, theta0)  # theta and any optimiser state
     plan = memory_plan(n_params, len(run.steps), itemsize, keep_theta, grid, batch, n_state)
     plan.check(run.n_paths)  # from shapes alone: refused before anything is traced
-    check_step(system, theta0, key)
+    check_step(system, theta0, key, run.n_steps)
     chunk = run.chunk_size or plan.chunk_size(run.n_paths)
     chunk = min(chunk, run.n_paths)
     threshold = jnp.asarray(run.divergence_threshold, dtype=float)

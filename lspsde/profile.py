@@ -315,5 +315,5 @@ def learning_profile(
     options = NormOptions(method, max_steps, rtol)
     check_key(key)
     theta0 = check_start(theta0)
-    check_step(system, theta0, key)
+    check_step(system, theta0, key, run.n_steps)
     return _learning_profile(system, theta0, key, run.n_steps, run.save_every, options)

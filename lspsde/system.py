@@ -78,7 +78,7 @@ class LearningSystem(eqx.Module):
     def parameter_map(self, t: ArrayLike, theta: PyTree[Array], u: PyTree[Array]) -> PyTree[Array]:
         r"""$\mathcal{A}_t(\theta, u)$ (``update.step``), on the carried state (``theta``
         itself, or a ``FlowState`` for a flow with optimiser state: see [`init_state`][])."""
-        return self.update.step(self.objective, self.noise, t, theta, u)
+        return self.update.step(self.objective, self.noise.at_time(t), t, theta, u)
 
     def init_state(self, theta0: PyTree[Array]) -> PyTree[Array]:
         r"""The state the parameter flow carries from $\theta^0$: $\theta^0$ itself, or
@@ -106,7 +106,8 @@ class LearningSystem(eqx.Module):
 
     def noise_at(self, key: PRNGKeyArray, t: ArrayLike, theta: PyTree[Array]) -> PyTree[Array]:
         r"""$u^t$, drawn from ``fold_in(key, t)`` so that it depends only on ``(key, t)``."""
-        return self.update.draw(self.objective, self.noise, jax.random.fold_in(key, t), theta)
+        noise = self.noise.at_time(t)
+        return self.update.draw(self.objective, noise, jax.random.fold_in(key, t), theta)
 
 
 def parameter_trajectory(

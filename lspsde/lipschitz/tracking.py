@@ -449,7 +449,7 @@ def spectral_norm_trajectory(
         raise TypeError(f"`warm_start` must be True or False, got {warm_start!r}.")
     theta0 = check_start(theta0)
     _check_layers(theta0, "theta0")
-    check_step(system, theta0, key)
+    check_step(system, theta0, key, n_steps)
     return _trajectory_jit(system, theta0, key, n_steps, n_iter, warm_start, init_steps)
 
 

@@ -26,6 +26,9 @@ $\mathbb{E}[\|G - \nabla\mathcal{L}(\theta)\|^2 \mid \theta] \le \sigma_0^2 +
   ([`CurvatureNoise`][], [`MinibatchNoise`][]).
 - ``lspsde.noise.heavy_tailed``: i.i.d. heavy-tailed entries ([`StudentTNoise`][],
   [`AlphaStableNoise`][]), where Assumption 1 and the diffusion limit can fail.
+- ``lspsde.noise.stream``: non-stationary data, fresh minibatches from a law $P_t$ that drifts
+  over training time ([`StreamNoise`][] on a [`DataStream`][]: [`RotatingTeacher`][],
+  [`CovariateShift`][], [`Piecewise`][] label-noise schedules).
 - ``lspsde.noise.helpers``: the building blocks of all of them, public for new models.
 
 | model | $u$ | $\mathbb{E}\|G - \nabla\mathcal{L}\|^2$ | Assumption 1 |
@@ -110,6 +113,15 @@ from .data import CurvatureNoise, MinibatchNoise
 from .gaussian import AnisotropicGaussian, GaussianNoise, IsotropicGaussian
 from .heavy_tailed import AlphaStableNoise, StudentTNoise
 from .helpers import *  # noqa: F403  (the public helpers: helpers.__all__ is their one list)
+from .stream import (
+    CovariateShift,
+    DataStream,
+    GaussianInputs,
+    LinearTeacher,
+    Piecewise,
+    RotatingTeacher,
+    StreamNoise,
+)
 
 __all__ = [
     "AbstractNoise",
@@ -122,5 +134,12 @@ __all__ = [
     "MinibatchNoise",
     "NoNoise",
     "StudentTNoise",
+    "StreamNoise",
+    "DataStream",
+    "GaussianInputs",
+    "CovariateShift",
+    "LinearTeacher",
+    "RotatingTeacher",
+    "Piecewise",
     *helpers.__all__,
 ]

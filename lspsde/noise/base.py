@@ -8,7 +8,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 import lineax as lx
 
 from ..objectives import AbstractObjective
@@ -146,6 +146,17 @@ class AbstractNoise(eqx.Module):
             raise no_diffusion_error(type(self).__name__, "covariance() is None")
         q, V = jnp.linalg.eigh(0.5 * (cov + cov.T))
         return lx.MatrixLinearOperator(V * jnp.sqrt(jnp.maximum(q, 0.0))[None, :])
+
+    def at_time(self, t: ArrayLike) -> "AbstractNoise":
+        r"""This model at training step ``t``. Stationary models (all but the data streams of
+        ``lspsde.noise.stream``) return themselves; a non-stationary model returns itself bound
+        to ``t``, so that its ``sample`` and ``gradient`` see the step. The learning system
+        binds the time before every draw and step."""
+        return self
+
+    def check_horizon(self, n_steps: int) -> None:
+        r"""Check, before anything compiles, that this model fits a run of ``n_steps`` steps
+        (a drift scheduled past the horizon is refused by the non-stationary models)."""
 
     def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
         r"""Check, without compiling, that this model fits ``objective`` and ``theta0``.
