@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import (
     constants as constants,
+    explain as explain,
     limits as limits,
     linalg as linalg,
     lipschitz as lipschitz,
@@ -31,6 +32,20 @@ from .energy import (
     fit_recursion as fit_recursion,
     mean_square as mean_square,
     quadratic_mean_square as quadratic_mean_square,
+)
+from .explain import (
+    AbstractExplanation as AbstractExplanation,
+    Attribution as Attribution,
+    explanation_sensitivity as explanation_sensitivity,
+    explanation_trajectory as explanation_trajectory,
+    ExplanationSensitivity as ExplanationSensitivity,
+    ExplanationTrajectory as ExplanationTrajectory,
+    integrated_gradients as integrated_gradients,
+    IntegratedGradients as IntegratedGradients,
+    model_function as model_function,
+    ModelFunction as ModelFunction,
+    saliency as saliency,
+    Saliency as Saliency,
 )
 from .exponents import (
     growth_rate as growth_rate,
