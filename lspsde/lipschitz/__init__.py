@@ -14,6 +14,15 @@ those terms exactly, from one full SVD $W = U \operatorname{diag}(\sigma) V^\top
 - :func:`spectral_step_decomposition`: one SGD step split into drift, noise, second-order
   (Itô) term and an $O(\eta^3)$ residual.
 
+The SDE model of $\sigma_1(t)$ over training (``lipschitz.sde``, ``lipschitz.covariance``):
+:func:`spectral_sde_coefficients` (the drift, Itô and diffusion coefficients of
+$d\sigma_1(W_l)$ and $d\log\prod_l\sigma_1(W_l)$ at one $\theta$), :func:`spectral_norm_moments`
+(the small-noise prediction of their mean and variance after $t$ steps, $O(\eta^2)$),
+:func:`spectral_norm_sde` (the weights' SDE integrated jointly with the three terms, path by
+path), and the noise covariance they need, exact for the library's noise models or a low-rank
+factor of per-example gradients (:func:`gradient_noise_covariance`,
+:func:`minibatch_covariance`, :func:`spectral_noise_terms`, :class:`NoiseCovariance`).
+
 Tracking $\sigma_1$ of large layers needs only the top pair, matrix-free
 (``lipschitz.tracking``): :func:`spectral_norm_trajectory` (every 2-D floating leaf of $\theta$
 is a layer; warm-started power iteration along an SGD run, the product bound
@@ -100,11 +109,27 @@ coefficient of $G + \xi$ has a nonzero mean in general), so a Monte Carlo check 
 $\eta^3$ below its standard error.
 """
 
+from .covariance import (
+    NoiseCovariance,
+    SpectralNoiseTerms,
+    gradient_noise_covariance,
+    minibatch_covariance,
+    spectral_noise_terms,
+)
 from .expansion import (
     TopSingularExpansion,
     expected_second_order,
     top_singular_expansion,
     top_singular_hessian,
+)
+from .sde import (
+    MonteCarloMoments,
+    SpectralNormMoments,
+    SpectralNormSDE,
+    SpectralSDECoefficients,
+    spectral_norm_moments,
+    spectral_norm_sde,
+    spectral_sde_coefficients,
 )
 from .step import SpectralStep, spectral_step_decomposition
 from .tracking import (
@@ -121,16 +146,28 @@ from .tracking import (
 
 __all__ = [
     "LipschitzEstimate",
+    "MonteCarloMoments",
+    "NoiseCovariance",
+    "SpectralNoiseTerms",
+    "SpectralNormMoments",
+    "SpectralNormSDE",
     "SpectralNormTrajectory",
     "SpectralNorms",
+    "SpectralSDECoefficients",
     "SpectralStep",
     "TopSingularExpansion",
     "expected_second_order",
+    "gradient_noise_covariance",
     "init_vectors",
     "lipschitz_estimate",
+    "minibatch_covariance",
+    "spectral_noise_terms",
+    "spectral_norm_moments",
+    "spectral_norm_sde",
     "spectral_norm_trajectory",
     "spectral_norms",
     "spectral_norms_along",
+    "spectral_sde_coefficients",
     "spectral_step_decomposition",
     "top_singular_expansion",
     "top_singular_hessian",
