@@ -615,7 +615,7 @@ def exponent_distribution(
     NormOptions(method, max_steps, rtol)  # checks the three norm options
     check_key(key)
     theta0 = check_start(theta0, run.divergence_threshold)
-    check_step(system, theta0, key, n_steps)  # one update step, abstractly, and the noise model's checks
+    check_step(system, theta0, key, n_steps)  # one abstract step; the flow and noise checks
     u_shape = eqx.filter_eval_shape(
         lambda s, th: s.noise_at(jax.random.key(0), 0, s.init_state(th)), system, theta0
     )

@@ -164,7 +164,7 @@ def test_adam_profile_and_exponents_differentiate_the_full_state(quadratic):
     key = jax.random.key(3)
     prof = lspsde.learning_profile(system, theta0, key=key, n_steps=6)
     assert bool(prof.converged)
-    states, us = parameter_trajectory(system, theta0, key=key, n_steps=6)
+    states, _ = parameter_trajectory(system, theta0, key=key, n_steps=6)
     t = 4
     state_t = jax.tree.map(lambda a: a[t], states)
     floats, ints = eqx.partition(state_t, eqx.is_inexact_array)

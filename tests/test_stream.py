@@ -222,7 +222,7 @@ def test_stream_needs_a_supervised_objective_of_the_right_shape():
     from models.objectives import Quadratic
 
     quad = Quadratic(jnp.eye(3), jnp.zeros(3))
-    with pytest.raises(ValueError, match="StreamNoise needs an lspsde.SupervisedLoss"):
+    with pytest.raises(ValueError, match=r"StreamNoise needs an lspsde\.SupervisedLoss"):
         lspsde.simulate(
             quad,
             lspsde.SGD(0.1),
