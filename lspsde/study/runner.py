@@ -23,28 +23,77 @@ Robustness:
 - *A figure never loses a report.* A figure that cannot be drawn (e.g. a log scale with no
   positive data, when every grid point diverged) is logged and named in ``report.md`` with the
   reason; the rest of the report is written.
+- *One study per directory.* At the start of a run, ``DIR/study.json`` records which study the
+  directory holds (its ``[study]`` name, a hash of the whole study file, the file it came from,
+  and each experiment's configuration hash). A run of a different study (another name) into it
+  stops before computing with ``StudyOutputError`` (``force=True`` replaces it); a changed
+  experiment of the same study is recomputed through its own configuration hash. A directory
+  without ``study.json`` (written before it existed) is identified by ``results.nc``'s
+  ``study`` attribute.
+- *What a study would run.* [`plan_study`][] reads each experiment's grid axes, sizes and (for
+  ensembles) memory per grid point from the parsed study, computing nothing
+  (``lspsde validate``).
+- *Reports without recomputing.* [`rebuild_report`][] rewrites ``report.md`` and the figures
+  (and ``results.nc`` when it is missing or out of date) from the finished parts, or from
+  ``results.nc``'s groups, and names the experiments that are not finished.
+- *Progress.* One bar over the experiments still to compute, with an ETA (on a terminal, not
+  under ``CI``), and a log line per finished experiment with its wall time. Ctrl-C raises
+  [`StudyInterrupted`][] (a ``KeyboardInterrupt``) whose message says what was kept and that the
+  same command resumes.
 """
 
 import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 import sys
 import time
+from typing import Any
 import uuid
 import zlib
 
 import h5netcdf
 import jax
 import matplotlib
-import numpy as np
+from tqdm.auto import tqdm
 import xarray as xr
 
 from .. import __version__
+from .._ensemble import saved_steps
+from .._simulate import memory_plan
 from . import Check, Experiment, registry
+from .config import StudyMeta
 from .schema import StudyConfig, load_study
+from .status import (
+    LOCK,
+    STUDY_FILE,
+    PartState,
+    StudyOutputError,
+    _why,
+    checksum,
+    lock_pid,
+    pid_alive,
+    read_study_record,
+    verify_part,
+)
+
+__all__ = [
+    "ExperimentPlan",
+    "PartState",
+    "StudyInterrupted",
+    "StudyOutputError",
+    "StudyResult",
+    "experiment_key",
+    "plan_study",
+    "read_study_record",
+    "rebuild_report",
+    "run_study",
+    "study_record",
+    "verify_part",
+]
 
 matplotlib.use("Agg")
 
@@ -85,6 +134,7 @@ def run_study(
     *,
     progress: bool | None = None,
     force: bool = False,
+    source: str | Path | None = None,
 ) -> StudyResult:
     """Run every experiment of a study and write ``results.nc``, figures and ``report.md``.
 
@@ -92,19 +142,26 @@ def run_study(
 
     - `study`: a study file path or a parsed ``StudyConfig``.
     - `out`: output directory (created).
-    - `progress`: show progress bars (default: when stderr is a terminal).
-    - `force`: recompute experiments even when a finished part with the same configuration exists.
+    - `progress`: show progress bars (default: when stderr is a terminal and ``CI`` is not
+      set).
+    - `force`: recompute experiments even when a finished part with the same configuration
+      exists, and run into a directory that holds another study's results.
+    - `source`: the study file, recorded in ``study.json`` (default: `study` when it is a path).
 
     **Raises:** ``StudyOutputError``, before any experiment runs, when ``out`` (or its
-    ``parts/``) is a file or cannot be written, or another live run holds its lock. A damaged
-    part is recomputed and a figure that cannot be drawn is named in the report (see the module
-    docstring): neither raises.
+    ``parts/``) is a file or cannot be written, another live run holds its lock, or it holds
+    another study's results (without `force`). ``StudyInterrupted`` on Ctrl-C, saying what was
+    kept. A damaged part is recomputed and a figure that cannot be drawn is named in the report
+    (see the module docstring): neither raises.
     """
-    config = load_study(study) if not isinstance(study, StudyConfig) else study
+    if not isinstance(study, StudyConfig):
+        source = study if source is None else source
+        study = load_study(study)
+    source = str(Path(source).resolve()) if source is not None else None
     # Studies compare measurements with bounds to ~1e-8: they run in float64, and leave the
     # caller's precision as it was.
     with jax.enable_x64(True):
-        return _run_study(config, Path(out), progress, force)
+        return _run_study(study, Path(out), progress, force, source)
 
 
 def experiment_key(key, name: str):
@@ -113,12 +170,9 @@ def experiment_key(key, name: str):
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-class StudyOutputError(RuntimeError):
-    """The output directory cannot be used: not a directory, not writable, or in use by another
-    run. Raised before any experiment runs; the CLI reports it in one line (exit code 2)."""
-
-
-_LOCK = ".lspsde.lock"
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the message says which experiments were finished and kept, and that
+    the same command resumes (finished experiments are loaded, not recomputed)."""
 
 
 def _tmp_name(path: Path) -> Path:
@@ -152,25 +206,15 @@ def _prepare_out(out: Path) -> None:
             ) from None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by another user
-    return True
-
-
 def _acquire_lock(out: Path) -> Path:
     """Create ``out/.lspsde.lock`` holding this pid (O_CREAT | O_EXCL); take over a stale one."""
-    lock = out / _LOCK
+    lock = out / LOCK
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            pid = _lock_pid(lock)
-            if pid is not None and _pid_alive(pid):
+            pid = lock_pid(lock)
+            if pid is not None and pid_alive(pid):
                 raise StudyOutputError(
                     f"The output directory {out} is in use by another lspsde run (pid {pid}); "
                     f"wait for it to finish or choose another --out (if no such run exists, "
@@ -185,17 +229,6 @@ def _acquire_lock(out: Path) -> Path:
     raise StudyOutputError(f"Could not take the lock {lock}: another run keeps taking it.")
 
 
-def _lock_pid(lock: Path) -> int | None:
-    """The pid in a lock file (waiting up to 1 s for a run that has just created it to write
-    its pid); ``None`` for a lock that holds none."""
-    for _ in range(10):
-        try:
-            return int(lock.read_text().strip())
-        except (OSError, ValueError):
-            time.sleep(0.1)
-    return None
-
-
 def _release_lock(lock: Path) -> None:
     try:
         if lock.read_text().strip() == str(os.getpid()):
@@ -204,91 +237,245 @@ def _release_lock(lock: Path) -> None:
         pass
 
 
-def _checksum(ds: xr.Dataset, config_hash: str) -> str:
-    """sha256 of the configuration hash and every variable's (and coordinate's) name, shape and
-    values, as read back from the file."""
-    h = hashlib.sha256(config_hash.encode())
-    for name in sorted(map(str, ds.variables)):
-        a = np.asarray(ds[name].values)
-        h.update(f"{name}{a.shape}".encode())
-        if a.dtype.kind in "OUS":  # strings: read back as objects, written as unicode
-            h.update("\x00".join(map(str, a.ravel())).encode())
-        else:
-            h.update(a.dtype.str.encode() + np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def _write_part(ds: xr.Dataset, part: Path, config_hash: str) -> None:
     """Write a part with its checksum, computed from what the file reads back as."""
 
     def write(tmp: Path) -> None:
         ds.to_netcdf(tmp, engine="h5netcdf")
         with xr.open_dataset(tmp, engine="h5netcdf") as back:
-            checksum = _checksum(back.load(), config_hash)
+            digest = checksum(back.load(), config_hash)
         with h5netcdf.File(tmp, "a") as f:
-            f.attrs["checksum"] = checksum
+            f.attrs["checksum"] = digest
 
     _atomic_write(part, write)
 
 
-def _load_part(part: Path, config_hash: str) -> tuple[xr.Dataset | None, str]:
-    """The finished part, or ``None`` and why it cannot be used (empty when it is simply for
-    another configuration)."""
+# --- which study a directory holds ------------------------------------------------------------
+
+
+def study_record(config: StudyConfig, source: str | None = None) -> dict[str, Any]:
+    """What ``study.json`` says about a run of `config`: the study's name, seed, description,
+    a hash of the whole study (every table, and the code version), the file it came from, and
+    each experiment's configuration hash (the key of its part)."""
+    dump = config.model_dump(mode="json", exclude_none=True)
+    payload = json.dumps({"config": dump, "version": __version__}, sort_keys=True)
+    seed = config.study.seed
+    return {
+        "format": 1,
+        "study": config.study.name,
+        "seed": seed,
+        "description": config.study.description,
+        "study_hash": hashlib.sha256(payload.encode()).hexdigest()[:16],
+        "source": source,
+        "lspsde_version": __version__,
+        "experiments": {
+            name: _config_hash(name, cfg, seed) for name, cfg in config.experiments().items()
+        },
+        "config": dump,
+    }
+
+
+def _results_study(out: Path) -> str | None:
+    """The ``study`` attribute of ``DIR/results.nc`` (``None``: no readable file)."""
     try:
-        with xr.open_dataset(part, engine="h5netcdf") as f:
-            ds = f.load()
-    except Exception as e:  # any unreadable file is recomputed, not a traceback
-        return None, f"unreadable ({_why(e)})"
-    if ds.attrs.get("config_hash") != config_hash:
-        return None, ""
-    stored = ds.attrs.pop("checksum", None)
-    if stored is None:
-        return None, "has no checksum"
-    if stored != _checksum(ds, config_hash):
-        return None, "checksum mismatch: its data changed or are damaged"
-    return ds, ""
+        with h5netcdf.File(out / "results.nc", "r") as f:
+            name = f.attrs.get("study")
+    except Exception:  # absent or unreadable: nothing to protect, it is rewritten
+        return None
+    return str(name) if name is not None else None
 
 
-def _run_study(config: StudyConfig, out: Path, progress: bool | None, force: bool) -> StudyResult:
+def _check_identity(config: StudyConfig, out: Path, force: bool) -> None:
+    """Refuse (before computing) a directory that holds another study's results."""
+    try:
+        record = read_study_record(out)
+    except StudyOutputError:
+        if not force:
+            raise
+        record = None
+    held = record["study"] if record else _results_study(out)
+    if held is None or held == config.study.name:
+        return
+    origin = f" (from {record['source']})" if record and record.get("source") else ""
+    if not force:
+        raise StudyOutputError(
+            f"The output directory {out} holds the results of another study, {held!r}{origin}; "
+            f"this run is the study {config.study.name!r}. Choose another --out, or pass "
+            "--force to replace them."
+        )
+    _log(
+        f"--force: replacing the study {held!r} in {out} (its parts and figures that this "
+        "study does not write stay in place)"
+    )
+
+
+# --- what a study would run -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """What one experiment table asks for, read from its (validated) configuration alone.
+
+    - `grid`: ``{field: number of values}`` for every list-valued field (the grid axes);
+    - `sizes`: the integer size fields (``n_*``, ``dim``, ``depth``, ``width``, ``save_every``);
+    - `result_bytes`, `work_bytes`: for an ensemble experiment (one with ``n_paths``,
+      ``n_steps`` and ``dim``), the memory one grid point needs by ``simulate``'s memory plan
+      (float64, ``save="summary"``): its result, and the working set of one chunk of paths;
+      ``None`` for other experiments.
+    """
+
+    name: str
+    grid: dict[str, int]
+    sizes: dict[str, int]
+    result_bytes: int | None = None
+    work_bytes: int | None = None
+
+    @property
+    def combinations(self) -> int:
+        """The number of combinations of the grid axes' values."""
+        return math.prod(self.grid.values())
+
+    @property
+    def path_steps(self) -> int | None:
+        """Combinations × paths × steps, for an experiment with ``n_paths`` and ``n_steps``."""
+        if "n_paths" in self.sizes and "n_steps" in self.sizes:
+            return self.combinations * self.sizes["n_paths"] * self.sizes["n_steps"]
+        return None
+
+
+def _is_size(name: str, value: object) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (name.startswith("n_") or name in ("dim", "depth", "width", "save_every"))
+    )
+
+
+def plan_study(config: StudyConfig) -> list[ExperimentPlan]:
+    """What each experiment of a parsed (so validated, its noise tables instantiated) study
+    would run: grid axes, sizes and, for ensembles, memory per grid point. Computes nothing."""
+    plans = []
+    for name, cfg in config.experiments().items():
+        fields = {k: getattr(cfg, k) for k in type(cfg).model_fields}
+        grid = {k: len(v) for k, v in fields.items() if isinstance(v, list | tuple)}
+        sizes = {k: v for k, v in fields.items() if _is_size(k, v)}
+        result = work = None
+        if all(k in sizes for k in ("n_paths", "n_steps", "dim")):
+            n_saved = len(saved_steps(sizes["n_steps"], sizes.get("save_every", 1)))
+            plan = memory_plan(n_params=sizes["dim"], n_saved=n_saved, itemsize=8, keep=False)
+            result = plan.result_per_path * sizes["n_paths"]
+            work = plan.work_per_path * plan.chunk_size(sizes["n_paths"])
+        plans.append(ExperimentPlan(name, grid, sizes, result, work))
+    return plans
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def _run_study(
+    config: StudyConfig, out: Path, progress: bool | None, force: bool, source: str | None
+) -> StudyResult:
     _prepare_out(out)
     lock = _acquire_lock(out)
     try:
-        return _run_locked(config, out, progress, force)
+        return _run_locked(config, out, progress, force, source)
     finally:
         _release_lock(lock)
 
 
-def _run_locked(config: StudyConfig, out: Path, progress: bool | None, force: bool):
+def _show_progress() -> bool:
+    """Progress bars by default: on a terminal, and not under ``CI``."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return sys.stderr.isatty() and not ci
+
+
+def _run_locked(
+    config: StudyConfig, out: Path, progress: bool | None, force: bool, source: str | None
+) -> StudyResult:
     for stale in [*out.glob("*.tmp"), *(out / "parts").glob("*.tmp")]:
         stale.unlink(missing_ok=True)  # under the lock: left by a run that was killed
+    _check_identity(config, out, force)
+    record = study_record(config, source)
+    _atomic_write(out / STUDY_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = _show_progress()
     registry = _registry()
     key = jax.random.key(config.study.seed)
+    experiments = config.experiments()
     datasets: dict[str, xr.Dataset] = {}
-    for name, cfg in config.experiments().items():
-        exp = registry[name]
-        part = out / "parts" / f"{name}.nc"
-        h = _config_hash(name, cfg, config.study.seed)
-        if part.exists() and not force:
-            ds, why = _load_part(part, h)
-            if ds is not None:
+    try:
+        todo = []
+        for name in experiments:
+            part = out / "parts" / f"{name}.nc"
+            if not force:
+                found = verify_part(part, record["experiments"][name])
+                if found.state == "done":
+                    datasets[name] = found.dataset
+                    _log(f"[{name}] loaded finished part {part}")
+                    continue
+                if found.state == "damaged":
+                    _log(f"[{name}] not using {part}: {found.why}; recomputing it")
+                elif found.state == "outdated":
+                    _log(f"[{name}] its configuration changed since {part} was written; rerunning")
+            todo.append(name)
+        bar = tqdm(
+            total=len(todo),
+            desc=f"study {config.study.name}",
+            unit="experiment",
+            disable=not progress or not todo,
+            file=sys.stderr,
+        )
+        with bar:
+            for name in todo:
+                bar.set_postfix_str(name)
+                cfg, part = experiments[name], out / "parts" / f"{name}.nc"
+                _log(f"[{name}] running")
+                start = time.perf_counter()
+                ds = registry[name].run(cfg, experiment_key(key, name), progress)
+                h = record["experiments"][name]
+                ds.attrs.update(config_hash=h, config=json.dumps(cfg.model_dump()))
+                _write_part(ds, part, h)  # a part on disk is always complete and checked
                 datasets[name] = ds
-                _log(f"[{name}] loaded finished part {part}")
-                continue
-            if why:
-                _log(f"[{name}] not using {part}: {why}; recomputing it")
-        _log(f"[{name}] running")
-        ds = exp.run(cfg, experiment_key(key, name), progress)
-        ds.attrs.update(config_hash=h, config=json.dumps(cfg.model_dump()))
-        _write_part(ds, part, h)  # a part on disk is always complete and checked
-        datasets[name] = ds
+                _log(f"[{name}] finished in {_duration(time.perf_counter() - start)}: {part}")
+                bar.update()
+        datasets = {name: datasets[name] for name in experiments}  # the study's order
+        return _write_outputs(config.study, datasets, out)
+    except KeyboardInterrupt:
+        kept = [n for n in experiments if n in datasets]
+        rest = len(experiments) - len(kept)
+        what = (
+            f"all {len(kept)} experiments are finished and kept in {out / 'parts'}; the same "
+            f"command (or `lspsde report {out}`) writes the report"
+            if not rest
+            else f"{len(kept)} of {len(experiments)} experiments finished and kept in "
+            f"{out / 'parts'}{' (' + ', '.join(kept) + ')' if kept else ''}; the same command "
+            f"resumes the other {rest}"
+        )
+        raise StudyInterrupted(f"Interrupted: {what}.") from None
 
+
+def _duration(seconds: float) -> str:
+    """``4.2 s``, ``3 min 05 s``, ``2 h 01 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _write_outputs(
+    study: StudyMeta, datasets: dict[str, xr.Dataset], out: Path, *, results: bool = True
+) -> StudyResult:
+    """``results.nc`` (unless `results` is false), the figures and ``report.md`` from the
+    experiments' datasets: nothing here computes an experiment."""
+    registry = _registry()
     tree = xr.DataTree.from_dict({f"/{n}": ds for n, ds in datasets.items()})
     tree.attrs.update(
-        study=config.study.name,
-        description=config.study.description,
-        seed=config.study.seed,
+        study=study.name,
+        description=study.description,
+        seed=study.seed,
         lspsde_version=__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         papers=(
@@ -297,9 +484,10 @@ def _run_locked(config: StudyConfig, out: Path, progress: bool | None, force: bo
         ),
     )
     files = []
-    results = out / "results.nc"
-    _atomic_write(results, lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"))
-    files.append(results)
+    if results:
+        path = out / "results.nc"
+        _atomic_write(path, lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"))
+        files.append(path)
 
     checks: list[Check] = []
     sections = []
@@ -311,9 +499,87 @@ def _run_locked(config: StudyConfig, out: Path, progress: bool | None, force: bo
         files += [out / f for f in fig_names]
         sections.append((name, exp.summary(ds), rows, fig_names, failed))
     report = out / "report.md"
-    _atomic_write(report, lambda tmp: tmp.write_text(_report(config, sections)))
+    _atomic_write(report, lambda tmp: tmp.write_text(_report(study, sections)))
     files.append(report)
     return StudyResult(tree, checks, out, files)
+
+
+# --- a report from what is on disk ----------------------------------------------------------
+
+
+def _results_groups(out: Path, hashes: dict[str, str]) -> tuple[dict[str, xr.Dataset], bool]:
+    """The groups of ``DIR/results.nc`` whose configuration hash is the one in `hashes`, and
+    whether the file holds exactly those experiments (``False``: missing, unreadable or from
+    another configuration: it is to be rewritten)."""
+    try:
+        with xr.open_datatree(out / "results.nc", engine="h5netcdf") as tree:
+            groups = {n: tree[n].to_dataset().load() for n in tree.children}
+    except Exception:  # absent or unreadable: rewritten from the parts
+        return {}, False
+    found = {n: ds for n, ds in groups.items() if ds.attrs.get("config_hash") == hashes.get(n)}
+    return found, set(found) == set(hashes) == set(groups)
+
+
+def rebuild_report(out: str | Path) -> StudyResult:
+    """Rewrite ``report.md`` and the figures of a finished run from what it saved, computing no
+    experiment: each experiment's data come from its part when it is intact and for the
+    configuration ``study.json`` records, else from its group in ``results.nc`` when that is for
+    the same configuration. ``results.nc`` itself is rewritten only when it is missing or does
+    not hold exactly the study's experiments.
+
+    **Raises:** ``StudyOutputError`` when `out` is not a run directory (no ``study.json``),
+    cannot be written, is in use by a run, or some experiment is not finished (naming each one,
+    and that ``lspsde run`` resumes).
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise StudyOutputError(f"No run directory at {out}.")
+    record = read_study_record(out)
+    if record is None:
+        raise StudyOutputError(
+            f"{out} has no {STUDY_FILE}, so which study it holds is unknown; rerun "
+            f"`lspsde run STUDY.toml --out {out}` (finished parts are loaded, not recomputed)."
+        )
+    with jax.enable_x64(True):
+        _prepare_out(out)
+        lock = _acquire_lock(out)
+        try:
+            hashes: dict[str, str] = record["experiments"]
+            unknown = sorted(set(hashes) - set(_registry()))
+            if unknown:
+                raise StudyOutputError(
+                    f"{out} holds experiments this lspsde ({__version__}) does not know: "
+                    f"{', '.join(unknown)}; rebuild its report with the version that ran it "
+                    f"({record.get('lspsde_version', 'unknown')})."
+                )
+            from_results, results_current = _results_groups(out, hashes)
+            datasets, missing = {}, []
+            for name, h in hashes.items():
+                found = verify_part(out / "parts" / f"{name}.nc", h)
+                if found.state == "done":
+                    datasets[name] = found.dataset
+                elif name in from_results:
+                    datasets[name] = from_results[name]
+                else:
+                    why = found.why or {"missing": "no part", "outdated": "part is outdated"}.get(
+                        found.state, found.state
+                    )
+                    missing.append(f"{name} ({why})")
+            if missing:
+                source = record.get("source") or "STUDY.toml"
+                raise StudyOutputError(
+                    f"Cannot rebuild the report of {out}: {len(missing)} of {len(hashes)} "
+                    f"experiments are not finished: {'; '.join(missing)}. "
+                    f"`lspsde run {source} --out {out}` resumes them."
+                )
+            study = StudyMeta(
+                name=record["study"],
+                seed=int(record.get("seed", 0)),
+                description=str(record.get("description", "")),
+            )
+            return _write_outputs(study, datasets, out, results=not results_current)
+        finally:
+            _release_lock(lock)
 
 
 def _save_figures(exp: Experiment, name: str, ds: xr.Dataset, out: Path):
@@ -342,11 +608,6 @@ def _save_figures(exp: Experiment, name: str, ds: xr.Dataset, out: Path):
     return saved, failed
 
 
-def _why(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def _cell(value) -> str:
     """A Markdown table cell: ``|`` (as in ``|x|``) escaped so it does not split the row."""
     return str(value).replace("|", "\\|")
@@ -356,12 +617,12 @@ def _fmt_holds(h: bool | None) -> str:
     return "n/a" if h is None else ("yes" if h else "**NO**")
 
 
-def _report(config: StudyConfig, sections) -> str:
-    lines = [f"# Study: {config.study.name}", ""]
-    if config.study.description:
-        lines += [config.study.description, ""]
+def _report(study: StudyMeta, sections) -> str:
+    lines = [f"# Study: {study.name}", ""]
+    if study.description:
+        lines += [study.description, ""]
     lines += [
-        f"lspsde {__version__}, seed {config.study.seed}. Data: `results.nc` "
+        f"lspsde {__version__}, seed {study.seed}. Data: `results.nc` "
         "(open with `xarray.open_datatree`).",
         "",
     ]
@@ -382,4 +643,6 @@ def _report(config: StudyConfig, sections) -> str:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A line on stderr (above any progress bar)."""
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
