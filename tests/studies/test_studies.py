@@ -37,6 +37,10 @@ def _reduced(config):
         update["feedforward_spectral"] = ff.model_copy(
             update={"rho": [0.5, 0.9, 1.05], "depth": [2, 8], "width": 16, "n_probes": 8}
         )
+    if config.mean_field_depth is not None:
+        update["mean_field_depth"] = config.mean_field_depth.model_copy(
+            update={"sigma_w2": [0.5, 2.0, 4.0], "width": 64, "depth": 16, "n_probes": 4}
+        )
     if config.residual_cfl is not None:
         rc = config.residual_cfl
         update["residual_cfl"] = rc.model_copy(
@@ -132,6 +136,26 @@ def test_feedforward_spectral_study(tmp_path):
     # the literal sup-exponent is never negative (it includes ||J_0|| = 1)
     assert float(ds.alpha_x_sup.min()) >= 0.0
     assert float(ds.alpha_x.sel(activation="identity").min()) < 0.0
+
+
+@pytest.mark.slow
+def test_mean_field_depth_beside_theorem_4_1(tmp_path):
+    config = _reduced(load_study(STUDIES / "feedforward_spectral.toml"))
+    config = config.model_copy(update={"feedforward_spectral": None})
+    res = runner.run_study(config, tmp_path, progress=False)
+    ds = res.tree["mean_field_depth"].to_dataset()
+    _described(res.tree)
+    assert bool(ds.converged.all())
+    assert bool(ds.holds.all()), "Theorem 4.1 failed on a random network: see report.md"
+    assert bool(ds.mean_field_agrees.all()), "typical exponent off mean field: see report.md"
+    # ReLU's chi1 = sigma_w^2 / 2 exactly: the edge of chaos is at sigma_w^2 = 2
+    np.testing.assert_allclose(ds.chi1.sel(activation="relu"), ds.sigma_w2 / 2, rtol=1e-10)
+    # the worst case is far above the typical rate (Theorem 4.1 is not the typical case) ...
+    assert float((ds.bound_exponent.mean("network") - ds.typical_mean).min()) > 0.5
+    # ... and the typical exponent crosses zero with chi1 (order -> chaos)
+    typical = ds.typical_mean.sel(activation="relu")
+    assert float(typical.sel(sigma_w2=0.5)) < -0.5 and float(typical.sel(sigma_w2=4.0)) > 0.2
+    assert "typical_vs_worst" in " ".join(str(f) for f in res.files)
 
 
 @pytest.mark.slow
