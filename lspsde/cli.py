@@ -16,6 +16,7 @@ from pathlib import Path
 import sys
 
 from ._ensemble import _format_bytes, available_memory
+from .distributed import ClusterError
 from .study import registry
 from .study.runner import (
     StudyInterrupted,
@@ -37,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (StudyConfigError, StudyOutputError) as e:
+    except (StudyConfigError, StudyOutputError, ClusterError) as e:
         _error(e)
         return 2
+
     except KeyboardInterrupt as e:  # StudyInterrupted says what was kept
         msg = str(e) if isinstance(e, StudyInterrupted) else "Interrupted."
         print(msg, file=sys.stderr)
@@ -68,6 +70,26 @@ def _parser() -> argparse.ArgumentParser:
         help="recompute finished experiments; run into a directory holding another study",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run the ensembles' pieces on a dask LocalCluster of N worker processes",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the pieces on an existing dask cluster (e.g. tcp://host:8786); DIR must be "
+        "on storage every worker shares",
+    )
+    run.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="N",
+        help="at most N paths per stored piece (a killed run loses at most one piece per "
+        "worker; the numbers do not depend on it)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     validate = sub.add_parser(
@@ -120,9 +142,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """``lspsde run``: the files written and the count of checks that fail."""
+    for option, value in (("--workers", args.workers), ("--chunk-size", args.chunk_size)):
+        if value is not None and value < 1:
+            _error(
+                ValueError(
+                    f"{option} must be at least 1, got {value} (leave it out to run in this "
+                    "process)."
+                )
+            )
+            return 2
     config = load_study(args.study)
     progress = False if args.quiet else None  # None: bars on a terminal, not under CI
-    result = run_study(config, args.out, progress=progress, force=args.force, source=args.study)
+    result = run_study(
+        config,
+        args.out,
+        progress=progress,
+        force=args.force,
+        source=args.study,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        chunk_size=args.chunk_size,
+    )
     _print_written(result)
     return 0
 

@@ -42,6 +42,7 @@ Robustness:
   same command resumes.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -49,6 +50,7 @@ import json
 import math
 import os
 from pathlib import Path
+import shutil
 import sys
 import time
 from typing import Any
@@ -61,9 +63,11 @@ import matplotlib
 from tqdm.auto import tqdm
 import xarray as xr
 
-from .. import __version__
+from .. import __version__, distributed
+from .._checks import check_positive_int
 from .._ensemble import saved_steps
 from .._simulate import memory_plan
+from ..distributed import Execution
 from . import Check, Experiment, registry
 from .config import StudyMeta
 from .schema import StudyConfig, load_study
@@ -135,6 +139,9 @@ def run_study(
     progress: bool | None = None,
     force: bool = False,
     source: str | Path | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    chunk_size: int | None = None,
 ) -> StudyResult:
     """Run every experiment of a study and write ``results.nc``, figures and ``report.md``.
 
@@ -147,6 +154,16 @@ def run_study(
     - `force`: recompute experiments even when a finished part with the same configuration
       exists, and run into a directory that holds another study's results.
     - `source`: the study file, recorded in ``study.json`` (default: `study` when it is a path).
+    - `workers`, `scheduler`: run the ensembles' pieces on dask.distributed, a new
+      ``LocalCluster`` of `workers` processes or the scheduler at `scheduler` (``out`` must
+      then be on storage every worker shares); the numbers equal a serial run's to the bit.
+    - `chunk_size`: at most this many paths per stored piece (``out/pieces``), so that a
+      killed run loses at most one piece per worker (the numbers do not depend on it).
+
+    Every ensemble's chunks are stored as pieces in ``out/pieces/<experiment>/`` while an
+    experiment runs (``lspsde.distributed``): a rerun after a crash or SIGKILL loads the
+    finished pieces, and its numbers equal an uninterrupted run's to the bit. An experiment's
+    pieces are removed once its part is written.
 
     **Raises:** ``StudyOutputError``, before any experiment runs, when ``out`` (or its
     ``parts/``) is a file or cannot be written, another live run holds its lock, or it holds
@@ -160,8 +177,14 @@ def run_study(
     source = str(Path(source).resolve()) if source is not None else None
     # Studies compare measurements with bounds to ~1e-8: they run in float64, and leave the
     # caller's precision as it was.
-    with jax.enable_x64(True):
-        return _run_study(study, Path(out), progress, force, source)
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size, fix="Paths per stored piece.")
+    with contextlib.ExitStack() as stack, jax.enable_x64(True):
+        client = None
+        if workers is not None or scheduler is not None:
+            client = stack.enter_context(distributed.connect(workers, scheduler))
+        run = Execution(None, client, chunk_size)
+        return _run_study(study, Path(out), progress, force, source, run)
 
 
 def experiment_key(key, name: str):
@@ -373,12 +396,17 @@ def plan_study(config: StudyConfig) -> list[ExperimentPlan]:
 
 
 def _run_study(
-    config: StudyConfig, out: Path, progress: bool | None, force: bool, source: str | None
+    config: StudyConfig,
+    out: Path,
+    progress: bool | None,
+    force: bool,
+    source: str | None,
+    run: Execution,
 ) -> StudyResult:
     _prepare_out(out)
     lock = _acquire_lock(out)
     try:
-        return _run_locked(config, out, progress, force, source)
+        return _run_locked(config, out, progress, force, source, run)
     finally:
         _release_lock(lock)
 
@@ -390,7 +418,12 @@ def _show_progress() -> bool:
 
 
 def _run_locked(
-    config: StudyConfig, out: Path, progress: bool | None, force: bool, source: str | None
+    config: StudyConfig,
+    out: Path,
+    progress: bool | None,
+    force: bool,
+    source: str | None,
+    run: Execution,
 ) -> StudyResult:
     for stale in [*out.glob("*.tmp"), *(out / "parts").glob("*.tmp")]:
         stale.unlink(missing_ok=True)  # under the lock: left by a run that was killed
@@ -431,10 +464,15 @@ def _run_locked(
                 cfg, part = experiments[name], out / "parts" / f"{name}.nc"
                 _log(f"[{name}] running")
                 start = time.perf_counter()
-                ds = registry[name].run(cfg, experiment_key(key, name), progress)
                 h = record["experiments"][name]
+                pieces = out / "pieces" / name
+                if force:
+                    shutil.rmtree(pieces, ignore_errors=True)
+                with distributed.execution(pieces, client=run.client, chunk_size=run.chunk_size):
+                    ds = registry[name].run(cfg, experiment_key(key, name), progress)
                 ds.attrs.update(config_hash=h, config=json.dumps(cfg.model_dump()))
                 _write_part(ds, part, h)  # a part on disk is always complete and checked
+                shutil.rmtree(pieces, ignore_errors=True)  # the part holds everything now
                 datasets[name] = ds
                 _log(f"[{name}] finished in {_duration(time.perf_counter() - start)}: {part}")
                 bar.update()
