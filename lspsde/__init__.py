@@ -63,6 +63,8 @@ from .limits import (
     weak_error as weak_error,
 )
 from .lipschitz import (
+    adversarial_lipschitz as adversarial_lipschitz,
+    AdversarialLipschitz as AdversarialLipschitz,
     expected_second_order as expected_second_order,
     lipschitz_estimate as lipschitz_estimate,
     LipschitzEstimate as LipschitzEstimate,

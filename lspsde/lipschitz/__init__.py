@@ -28,8 +28,11 @@ Tracking $\sigma_1$ of large layers needs only the top pair, matrix-free
 is a layer; warm-started power iteration along an SGD run, the product bound
 $\prod_l \sigma_1(W_l)$ and a convergence residual per step), :func:`spectral_norms` (one step,
 for a hand-written loop), :func:`spectral_norms_along` (a stored trajectory) and
-:func:`lipschitz_estimate` (the data-dependent $\max_i \|\partial F/\partial x(x_i)\|_2$). The
-exact second-order term needs every pair.
+:func:`lipschitz_estimate` (the data-dependent $\max_i \|\partial F/\partial x(x_i)\|_2$);
+:func:`adversarial_lipschitz` (``lipschitz.adversarial``) moves the data points by projected
+ascent to where $\|\partial F/\partial x\|_2$ is largest, a lower bound of the true Lipschitz
+constant between the data-only estimate and the product bound. The exact second-order term
+needs every pair.
 
 **§1 The dilation.** $H(W) = \begin{pmatrix} 0 & W \\ W^\top & 0 \end{pmatrix}$ is symmetric,
 linear in $W$, and has the eigenpairs $\pm\sigma_j$, $(u_j, \pm v_j)/\sqrt2$ ($j \le r$), and $0$,
@@ -109,6 +112,7 @@ coefficient of $G + \xi$ has a nonzero mean in general), so a Monte Carlo check 
 $\eta^3$ below its standard error.
 """
 
+from .adversarial import AdversarialLipschitz, adversarial_lipschitz
 from .covariance import (
     NoiseCovariance,
     SpectralNoiseTerms,
@@ -145,6 +149,7 @@ from .tracking import (
 )
 
 __all__ = [
+    "AdversarialLipschitz",
     "LipschitzEstimate",
     "MonteCarloMoments",
     "NoiseCovariance",
@@ -156,6 +161,7 @@ __all__ = [
     "SpectralSDECoefficients",
     "SpectralStep",
     "TopSingularExpansion",
+    "adversarial_lipschitz",
     "expected_second_order",
     "gradient_noise_covariance",
     "init_vectors",

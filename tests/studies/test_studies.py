@@ -240,16 +240,21 @@ def test_each_study_module_declares_its_config_and_is_discovered():
     from lspsde.study import Experiment, registry
     from lspsde.study.schema import StudyConfig
 
+    import pkgutil
+
+    import lspsde.study
+
     reg = registry()
-    shipped = {
-        "continuous_limit",
-        "feedforward_spectral",
-        "noise_ablation",
-        "residual_cfl",
-        "sgd_constant",
-        "sgd_decreasing",
+    infrastructure = {"config", "experiment", "runner", "schema", "status"}
+    modules = {
+        m.name
+        for m in pkgutil.iter_modules(lspsde.study.__path__)
+        if not m.name.startswith("_") and m.name not in infrastructure
     }
-    assert set(reg) == shipped
+    # every study module is discovered under its own experiment name, with nothing else
+    assert set(reg) == {exp.name for exp in reg.values()}
+    assert {exp.run.__module__.rsplit(".", 1)[1] for exp in reg.values()} == modules
+    assert {"continuous_limit", "feedforward_spectral", "mean_field_depth"} <= set(reg)
     for name, exp in reg.items():
         assert isinstance(exp, Experiment) and exp.name == name
         # the configuration class lives in the study module itself, beside its experiment
