@@ -54,6 +54,7 @@ BENCHES: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
     "lyapunov": [("lyapunov", "bench_lyapunov.py", [], ["--quick", "--repeats", "5"])],
     "profile": [("profile", "bench_profile.py", [], ["--quick", "--no-memory", "--repeats", "3"])],
     "lipschitz": [("lipschitz", "bench_lipschitz.py", [], ["--quick"])],
+    "nonsmooth": [("nonsmooth", "bench_nonsmooth.py", [], ["--quick"])],
 }
 
 

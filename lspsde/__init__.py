@@ -120,6 +120,8 @@ from .nonsmooth import (
     ElasticNet as ElasticNet,
     Elementwise as Elementwise,
     generalized_jacobian_norm as generalized_jacobian_norm,
+    MaxPool as MaxPool,
+    prox_chain as prox_chain,
     AbstractVariationalEnergy as AbstractVariationalEnergy,
     Coercivity as Coercivity,
     coercivity as coercivity,
@@ -160,6 +162,11 @@ from .parameter import (
     SubgradientMethod as SubgradientMethod,
 )
 from .profile import (
+    generalized_exponents as generalized_exponents,
+    generalized_representation_profile as generalized_representation_profile,
+    GeneralizedExponents as GeneralizedExponents,
+    GeneralizedRepresentationProfile as GeneralizedRepresentationProfile,
+    GeneralizedSignatures as GeneralizedSignatures,
     learning_profile as learning_profile,
     representation_profile as representation_profile,
     RepresentationProfile as RepresentationProfile,

@@ -18,6 +18,7 @@ from lspsde.nonsmooth import (
     Box,
     ElasticNet,
     Elementwise,
+    MaxPool,
     ProjectedGradient,
     ProximalGradient,
     Simplex,
@@ -526,5 +527,236 @@ def test_bounds_past_the_cap_across_layers_and_for_dependent_rows():
     ],
 )
 def test_generalized_norm_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --- more Clarke pieces: max-pooling, ball and simplex projections ---------------------------
+
+
+def _fd_jacobian(f, x, h=1e-7):
+    """Central finite differences (exact for a map that is linear on [x - h, x + h]^n)."""
+    x, f = np.asarray(x, dtype=float), jax.jit(f)
+    cols = [(np.asarray(f(x + h * e)) - np.asarray(f(x - h * e))) / (2 * h) for e in np.eye(x.size)]
+    return np.stack(cols, axis=1)
+
+
+def _one_sided_norms(f, x, rng, n=300, eps=1e-4):
+    """The norms of finite-difference Jacobians at x + eps * delta for random delta: the pieces
+    of a piecewise-linear map met on every side of its kinks at x (the B-subdifferential)."""
+    f = jax.jit(f)
+    deltas = rng.normal(size=(n, np.size(x)))
+    return np.array([np.linalg.norm(_fd_jacobian(f, x + eps * d), 2) for d in deltas])
+
+
+def test_max_pool_at_ties_is_the_hull_of_the_selections():
+    """Groups {0,1,2}, {3,4}, {5}, {6,7}: ties in the first two (3 x 2 = 6 vertices, the tied
+    selections), none in the others. Closed form: max over the 6 selections of ||W[sel]||; the
+    hull sampled never exceeds it; one-sided finite-difference Jacobians realise the vertices;
+    autodiff (the average of the tied selections) lies inside."""
+    rng = np.random.default_rng(20)
+    W = rng.normal(size=(8, 8))
+    x = rng.normal(size=8)
+    z = np.array([1.0, 1.0, 1.0, -0.5, -0.5, 2.0, 0.3, -0.7])
+    pool = MaxPool([[0, 1, 2], [3, 4], [5], [6, 7]])
+    chain = [Affine(W, z - W @ x), pool]
+    res = generalized_jacobian_norm(chain, x)
+    assert res.exact and res.n_kinks == 2 and res.n_vertices == 6
+    closed = max(np.linalg.norm(W[[a, b, 5, 6]], 2) for a in (0, 1, 2) for b in (3, 4))
+    np.testing.assert_allclose(res.value, closed, rtol=1e-12)
+    for _ in range(200):  # random points of the hull: convex weights on the tied rows
+        w0, w1 = rng.dirichlet(np.ones(3)), rng.dirichlet(np.ones(2))
+        V = np.stack([w0 @ W[:3], w1 @ W[3:5], W[5], W[6]])
+        assert np.linalg.norm(V, 2) <= float(res.value) * (1 + 1e-12)
+    f = lambda v: pool(W @ v + (z - W @ x))
+    sided = _one_sided_norms(f, x, rng)
+    np.testing.assert_allclose(sided.max(), res.value, rtol=1e-6)
+    assert sided.max() <= float(res.value) * (1 + 1e-6)
+    assert float(res.autodiff) < float(res.value)  # the average selection, inside the hull
+    # away from ties: the classical norm of the selection
+    smooth = generalized_jacobian_norm([Affine(W, rng.normal(size=8)), pool], x)
+    assert smooth.exact and smooth.n_kinks == 0
+    np.testing.assert_allclose(smooth.value, smooth.autodiff, rtol=1e-12)
+
+
+def test_max_pool_windows_overlap_and_bounds():
+    pool = MaxPool.windows(6, 3, stride=2)  # [0,1,2], [2,3,4]
+    assert pool.groups == ((0, 1, 2), (2, 3, 4))
+    np.testing.assert_array_equal(pool(jnp.arange(6.0)), [2.0, 4.0])
+    assert MaxPool.windows(4, 2).groups == ((0, 1), (2, 3))
+    # all-equal inputs: the tie sets {0,1,2} and {2,3,4} share input 2, but their difference
+    # functionals e1-e0, e2-e0, e3-e2, e4-e2 are independent, so every combination of
+    # selections is a nearby Jacobian: exact
+    x = np.zeros(6)
+    res = generalized_jacobian_norm(pool, x)
+    assert res.n_kinks == 2 and res.n_vertices == 9 and res.exact
+    np.testing.assert_allclose(res.value, np.sqrt(2.0), rtol=1e-12)  # both rows select input 2
+    # past the cap: the closed-form bound (min of sqrt(cmax)||M|| and the row bound) >= value
+    capped = generalized_jacobian_norm(pool, x, max_kinks=3)  # 9 > 2^3 vertices
+    assert not capped.exact and float(capped.value) >= float(res.value) * (1 - 1e-12)
+    np.testing.assert_allclose(capped.value, np.sqrt(2.0), rtol=1e-12)
+    # through an affine map with dependent rows: an upper bound only
+    W = np.random.default_rng(21).normal(size=(6, 3))
+    dep = generalized_jacobian_norm([Affine(W, -W @ np.ones(3)), pool], np.ones(3))
+    assert not dep.exact and dep.n_kinks == 2
+
+
+def test_ball_projection_inside_outside_and_on_the_sphere():
+    """Inside: I M; outside: (r/n)(I - uu^T) M; on the sphere the hull of both, its sup at one
+    of the two: closed forms against one-sided finite differences on each side."""
+    rng = np.random.default_rng(22)
+    M, T = rng.normal(size=(4, 3)), rng.normal(size=(2, 4))
+    c, r = np.array([0.5, -0.2, 0.1, 0.0]), 1.5
+    ball = Ball(jnp.asarray(c), r)
+    x = rng.normal(size=3)
+    direction = rng.normal(size=4)
+    u = direction / np.linalg.norm(direction)
+    P = np.eye(4) - np.outer(u, u)
+    for dist, expected in [
+        (0.5 * r, np.linalg.norm(T @ M, 2)),
+        (2.0 * r, 0.5 * np.linalg.norm(T @ P @ M, 2)),
+        (r, max(np.linalg.norm(T @ M, 2), np.linalg.norm(T @ P @ M, 2))),
+    ]:
+        z = c + dist * u
+        chain = [Affine(M, z - M @ x), ball, Affine(T)]
+        res = generalized_jacobian_norm(chain, x)
+        assert res.exact and res.n_kinks == (dist == r)
+        np.testing.assert_allclose(res.value, expected, rtol=1e-12)
+    f = lambda v: T @ ball.project(M @ v + (z - M @ x))
+    inside = np.linalg.norm(_fd_jacobian(f, x - 1e-4 * np.linalg.pinv(M) @ u), 2)
+    outside = np.linalg.norm(_fd_jacobian(f, x + 1e-4 * np.linalg.pinv(M) @ u), 2)
+    np.testing.assert_allclose(max(inside, outside), res.value, rtol=1e-3)
+    np.testing.assert_allclose(
+        sorted([inside, outside]),
+        sorted([np.linalg.norm(T @ M, 2), np.linalg.norm(T @ P @ M, 2)]),
+        rtol=1e-3,
+    )
+    # a ball of radius 0 is a constant map
+    zero = generalized_jacobian_norm([Affine(M), Ball(0.0, 0.0)], x)
+    assert float(zero.value) == 0.0 and zero.exact
+
+
+def _simplex_jacobian(support, n):
+    S = np.zeros((n, n))
+    idx = np.flatnonzero(support)
+    S[np.ix_(idx, idx)] = np.eye(idx.size) - 1.0 / idx.size
+    return S
+
+
+def test_simplex_projection_supports_and_kinks():
+    """z = (0.625, 0.375, 0.375, 0.125, -1): tau = 0.125, support {0,1,2} and coordinate 3 at
+    the threshold: the Clarke set is the hull of the Jacobians on the supports {0,1,2} and
+    {0,1,2,3} (closed form I_S - 11^T/|S|), realised by finite differences on both sides."""
+    rng = np.random.default_rng(23)
+    z = np.array([0.625, 0.375, 0.375, 0.125, -1.0])
+    W = rng.normal(size=(5, 5))
+    x = rng.normal(size=5)
+    simplex = Simplex()
+    chain = [Affine(W, z - W @ x), simplex]
+    res = generalized_jacobian_norm(chain, x)
+    s3, s4 = np.array([1, 1, 1, 0, 0], bool), np.array([1, 1, 1, 1, 0], bool)
+    expected = max(np.linalg.norm(_simplex_jacobian(s, 5) @ W, 2) for s in (s3, s4))
+    assert res.exact and res.n_kinks == 1 and res.n_vertices == 2
+    np.testing.assert_allclose(res.value, expected, rtol=1e-12)
+    f = lambda v: simplex.project(W @ v + (z - W @ x))
+    sided = _one_sided_norms(f, x, rng, n=100)
+    np.testing.assert_allclose(sided.max(), expected, rtol=1e-6)
+    pieces = np.array([np.linalg.norm(_simplex_jacobian(s, 5) @ W, 2) for s in (s3, s4)])
+    nearest = np.abs(sided[:, None] - pieces[None]).min(axis=1)
+    assert np.all(nearest < 1e-6 * pieces.max())  # every side is one of the two pieces
+    assert all(np.any(np.abs(sided - p) < 1e-6) for p in pieces)  # and both are met
+    # off the kinks: the classical Jacobian, which autodiff gives too
+    z2 = np.array([0.7, 0.4, 0.3, -0.5, -1.0])
+    smooth = generalized_jacobian_norm([Affine(W, z2 - W @ x), simplex], x)
+    J = _simplex_jacobian(np.array([1, 1, 1, 0, 0], bool), 5) @ W
+    assert smooth.n_kinks == 0 and smooth.exact
+    np.testing.assert_allclose([smooth.value, smooth.autodiff], np.linalg.norm(J, 2), rtol=1e-12)
+
+
+def test_box_piece_with_per_coordinate_bounds():
+    """A box with one-sided and per-coordinate bounds is the clip of each coordinate: at its
+    bounds the diagonal slopes range over [0, 1], as Elementwise('clip')."""
+    rng = np.random.default_rng(24)
+    W = rng.normal(size=(4, 6))
+    x = rng.normal(size=6)
+    lower, upper = np.array([-1.0, 0.0, -np.inf, 2.0]), np.array([1.0, 0.5, 0.0, 2.0])
+    z = np.array([1.0, 0.25, 0.0, 3.0])  # at the upper bound, inside, at the upper bound, flat
+    res = generalized_jacobian_norm([Affine(W, z - W @ x), Box(lower, upper)], x)
+    assert res.exact and res.n_kinks == 2  # coordinate 3 (lower = upper) is constant, no kink
+    vertices = [np.linalg.norm(np.diag([a, 1.0, b, 0.0]) @ W, 2) for a in (0, 1) for b in (0, 1)]
+    np.testing.assert_allclose(res.value, max(vertices), rtol=1e-12)
+
+
+def test_prox_chain_reproduces_the_prox():
+    theta = {"a": jnp.array([0.3, -2.0]), "b": jnp.array([[1.5]])}
+    flat = jax.flatten_util.ravel_pytree(theta)[0]
+    for term in (
+        L1(0.7),
+        L2(2.0),
+        ElasticNet(0.7, 2.0),
+        Box(-1.0, {"a": 1.0, "b": 0.5}),
+        Ball(0.1, 1.0),
+        Simplex(2.0),
+    ):
+        pieces = lspsde.nonsmooth.prox_chain(term, 0.9, theta)
+        v = flat
+        for p in pieces:
+            v = p(v) if not isinstance(p, Box | Ball | Simplex) else p.project(v)
+        expected = jax.flatten_util.ravel_pytree(term.prox(theta, 0.9))[0]
+        np.testing.assert_allclose(v, expected, rtol=1e-14)
+    with pytest.raises(TypeError, match=r"cannot be classified.*L1, L2, ElasticNet"):
+        lspsde.nonsmooth.prox_chain(_MyRegularizer(), 0.1, theta)
+
+
+class _MyRegularizer(lspsde.AbstractRegularizer):
+    def prox(self, x, step):
+        return x
+
+    def value(self, x):
+        return jnp.zeros(())
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: MaxPool([]), ValueError, r"at least one group"),
+        (lambda: MaxPool([[0, 1], []]), ValueError, r"group 1 must be a non-empty list"),
+        (lambda: MaxPool([[0, 0]]), ValueError, r"repeats an index"),
+        (lambda: MaxPool([[0, -1]]), ValueError, r"negative indices \[-1\]"),
+        (lambda: MaxPool([[0.5, 1.0]]), ValueError, r"integer indices"),
+        (lambda: MaxPool.windows(3, 4), ValueError, r"exceeds the input size"),
+        (
+            lambda: generalized_jacobian_norm(MaxPool([[0, 5]]), jnp.ones(3)),
+            ValueError,
+            r"indexes input 5, but its input has size 3",
+        ),
+        (
+            lambda: generalized_jacobian_norm(Ball({"a": jnp.zeros(2)}, 1.0), jnp.ones(3)),
+            ValueError,
+            r"Ball's `center`.*size 3",
+        ),
+        (
+            lambda: generalized_jacobian_norm(Ball(jnp.zeros(2), 1.0), jnp.ones(3)),
+            ValueError,
+            r"Ball's `center`.*shape \(3,\), got \(2,\)",
+        ),
+        (
+            lambda: generalized_jacobian_norm(Box(jnp.zeros(2), 1.0), jnp.ones(3)),
+            ValueError,
+            r"Box's `lower`",
+        ),
+        (
+            lambda: generalized_jacobian_norm([Affine(jnp.eye(2)), L1(0.1)], jnp.ones(2)),
+            TypeError,
+            r"MaxPool\(groups\).*Ball\(center, radius\), Simplex\(radius\); got \['L1'\]",
+        ),
+        (
+            lambda: generalized_jacobian_norm(Simplex(), jnp.ones(2), tol=-1.0),
+            ValueError,
+            r"`tol` must be finite and non-negative",
+        ),
+    ],
+)
+def test_new_pieces_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()

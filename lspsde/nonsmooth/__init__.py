@@ -12,14 +12,18 @@ parameter flows.
   ([`variational_dissipation`][]), the sufficient decrease of Section 6.6
   ([`sufficient_decrease`][]) and Theorem 6.4 both ways ([`variational_stability`][]).
 - [`generalized_jacobian_norm`][]: the supremum of $\|V\|_2$ over the Clarke generalised
-  Jacobian of a chain of [`Affine`][] maps and [`Elementwise`][] piecewise-linear pieces.
+  Jacobian of a chain of [`Affine`][] maps, [`Elementwise`][] piecewise-linear pieces,
+  [`MaxPool`][] and the projections ``Box``, ``Ball``, ``Simplex``; [`prox_chain`][]: the
+  prox of a regulariser as such pieces.
 """
 
 from .clarke import (
     Affine,
     Elementwise,
     GeneralizedJacobianNorm,
+    MaxPool,
     generalized_jacobian_norm,
+    prox_chain,
 )
 from .constraints import AbstractConstraint, Ball, Box, Simplex
 from .energy import (
@@ -65,6 +69,7 @@ __all__ = [
     "FunctionEnergy",
     "GeneralizedJacobianNorm",
     "ImplicationCheck",
+    "MaxPool",
     "ProjectedGradient",
     "ProximalGradient",
     "RepresentationEnergy",
@@ -75,6 +80,7 @@ __all__ = [
     "energy_trace",
     "generalized_jacobian_norm",
     "mean_trace",
+    "prox_chain",
     "prox_gradient_contraction",
     "prox_gradient_decrease",
     "step_signatures",

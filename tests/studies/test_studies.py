@@ -237,12 +237,11 @@ def test_cli_reports_bad_files_without_running(tmp_path, capsys):
 
 
 def test_each_study_module_declares_its_config_and_is_discovered():
-    from lspsde.study import Experiment, registry
-    from lspsde.study.schema import StudyConfig
-
     import pkgutil
 
     import lspsde.study
+    from lspsde.study import Experiment, registry
+    from lspsde.study.schema import StudyConfig
 
     reg = registry()
     infrastructure = {"config", "experiment", "runner", "schema", "status"}
