@@ -163,9 +163,7 @@ def lspsde_impl(prob: dict, n_paths: int, n_steps: int, n_sub: int, coupled: boo
     key = jax.random.key(0)
     fn = lambda: (
         simulate(
-            objective,
-            limit,
-            prob["model"],
+            (objective, limit, prob["model"]),
             prob["theta0"],
             key=key,
             n_paths=n_paths,

@@ -1,7 +1,7 @@
 """Every noise model: ``lspsde.simulate`` beside a hand-written ``jit(vmap(scan))`` of its law.
 
 The workload (issue 9, "Speed") is SGD on a quadratic, float32,
-``simulate(objective, SGD(eta), noise, theta0, key=..., n_paths, n_steps, save="summary")``:
+``simulate((objective, SGD(eta), noise), theta0, key=..., n_paths, n_steps, save="summary")``:
 energy and loss recorded at every step, the final theta kept. For each noise model the
 baseline is what a JAX user would write by hand for the same stochastic gradient: one
 ``lax.scan`` per path, ``jax.vmap`` over paths, ``jax.jit`` over all, the step's randomness from
@@ -296,9 +296,7 @@ def lspsde_impl(case: dict, n_paths: int, n_steps: int) -> Callable[[], dict]:
 
     def run():
         ens = lspsde.simulate(
-            prob["objective"],
-            update,
-            case["noise"],
+            (prob["objective"], update, case["noise"]),
             prob["theta0"],
             key=key,
             n_paths=n_paths,
@@ -519,7 +517,7 @@ def main() -> None:
             "repeats": options.repeats,
         },
         "workload": (
-            'simulate(objective, SGD(eta), noise, theta0, save="summary") (energy and loss at '
+            'simulate((objective, SGD(eta), noise), theta0, save="summary") (energy and loss at '
             "every step) vs jit(vmap(scan)) by hand with the same counter keys and outputs"
         ),
         "cases": [],

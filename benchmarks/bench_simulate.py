@@ -80,9 +80,7 @@ def lspsde_impl(prob: dict, n_paths: int, n_steps: int) -> Callable[[], jax.Arra
     key = jax.random.key(0)
     return lambda: (
         simulate(
-            objective,
-            update,
-            noise,
+            (objective, update, noise),
             prob["theta0"],
             key=key,
             n_paths=n_paths,

@@ -73,9 +73,7 @@ def simulate_impl(n_paths: int, n_steps: int):
 
     def run():
         ens = lspsde.simulate(
-            objective,
-            update,
-            noise,
+            (objective, update, noise),
             theta0,
             key=key,
             n_paths=n_paths,

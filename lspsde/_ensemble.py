@@ -436,6 +436,35 @@ def split_sweep(update, noise) -> tuple:
     return update, sweep.at(0), batched, sweep
 
 
+def as_system(system: Any, what: str) -> tuple:
+    """``(LearningSystem, (field, batched module, batch_size) | None, sweep | None)`` from the
+    one way every front end takes a system: a ``LearningSystem``, or a tuple ``(objective,
+    update, noise)`` in which the update or the noise may be a ``Sweep``."""
+    from .objectives import AbstractObjective
+
+    if isinstance(system, AbstractObjective):
+        raise TypeError(
+            f"`{what}` takes the learning system first: `{what}((objective, update, noise), "
+            f"theta0, ...)` or `{what}(lspsde.LearningSystem(objective, update, noise), theta0, "
+            "...)`, not the objective alone."
+        )
+    if isinstance(system, tuple):
+        if len(system) != 3:
+            raise TypeError(
+                "`system` must be a LearningSystem or a tuple (objective, update, noise), got a "
+                f"tuple of length {len(system)}."
+            )
+        objective, update, noise = system
+        update, noise, batched, sweep = split_sweep(update, noise)
+        return LearningSystem(objective, update, noise), batched, sweep
+    if not isinstance(system, LearningSystem):
+        raise TypeError(
+            "`system` must be a LearningSystem or a tuple (objective, update, noise), got "
+            f"{type(system).__name__}."
+        )
+    return system, None, None
+
+
 def run_ensemble(
     path_fn: Callable,
     system: LearningSystem,

@@ -15,7 +15,7 @@ in the scan body, so shapes stay static), and ``diverged`` / ``divergence_step``
 Ensemble statistics ([`Ensemble.mean_energy`][]) use the paths alive at each saved step only.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -27,6 +27,7 @@ from ._custom_types import ScalarLike
 from ._ensemble import (
     CHUNK_BUDGET_BYTES,
     MemoryPlan,
+    as_system,
     check_key,
     check_run,
     check_start,
@@ -36,7 +37,6 @@ from ._ensemble import (
     named_leaves,
     run_ensemble,
     saved_steps,
-    split_sweep,
     sq_norm,
     state_size,
 )
@@ -44,7 +44,6 @@ from .noise import AbstractNoise
 from .objectives import AbstractObjective
 from .parameter import AbstractParameterFlow
 from .sweep import Sweep
-from .system import LearningSystem
 
 __all__ = [
     "CHUNK_BUDGET_BYTES",
@@ -57,6 +56,8 @@ __all__ = [
 ]
 
 SAVE_MODES = ("trajectory", "summary")
+# (objective, update, noise); the update or the noise may be a Sweep
+SystemTuple = tuple[AbstractObjective, AbstractParameterFlow | Sweep, AbstractNoise | Sweep]
 # Parameter-sized buffers a step needs besides the outputs (theta, u, G, the candidate, the
 # frozen copy, RNG bits, ...): a deliberately generous count.
 _STEP_BUFFERS = 8
@@ -338,11 +339,9 @@ def default_chunk_size(n_paths: int, n_params: int, n_saved: int, itemsize: int,
 
 
 def simulate(
-    objective: AbstractObjective,
-    update: AbstractParameterFlow | Sweep,
-    noise: AbstractNoise | Sweep,
+    system: Any,  # LearningSystem | (objective, update, noise): checked by as_system
     theta0: PyTree[ArrayLike],
-    *,
+    *unexpected: object,
     key: PRNGKeyArray,
     n_paths: int,
     n_steps: int,
@@ -363,13 +362,15 @@ def simulate(
 
     **Arguments:**
 
-    - `objective`, `update`, `noise`: the learning system ($\mathcal{L}$, the update rule
-      $\mathcal{A}_t$, the noise model). Their array fields (step sizes, noise levels) are traced:
-      calling again with other values reuses the compiled program. Either `update` or `noise`
-      may be a [`Sweep`][lspsde.Sweep]: the grid runs as one compiled program (a ``lax.map``
-      over the grid, ``vmap``-ed ``Sweep.batch_size`` points at a time), every array of the
-      result gains a leading grid axis, and path $p$ draws the same noise at every grid point
-      (common random numbers).
+    - `system`: the learning system, a tuple ``(objective, update, noise)`` ($\mathcal{L}$, the
+      update rule $\mathcal{A}_t$, the noise model) or an ``lspsde.LearningSystem``: the one way
+      ``simulate``, ``learning_profile`` and ``exponent_distribution`` take a system. Array
+      fields (step sizes, noise levels) are traced: calling again with other values reuses the
+      compiled program. In the tuple, either `update` or `noise` may be a
+      [`Sweep`][lspsde.Sweep]: the grid runs as one compiled program (a ``lax.map`` over the
+      grid, ``vmap``-ed ``Sweep.batch_size`` points at a time), every array of the result gains
+      a leading grid axis, and path $p$ draws the same noise at every grid point (common random
+      numbers).
     - `theta0`: $\theta^0$, a pytree of real floating arrays, shared by all paths.
     - `key`: a JAX PRNG key.
     - `n_paths`, `n_steps`: the ensemble size and the horizon $T$.
@@ -395,8 +396,8 @@ def simulate(
     fix (``save="summary"``, a larger ``save_every``, fewer paths).
 
     **Inside ``jax.jit``/``jax.vmap``.** ``simulate`` may be traced (e.g.
-    ``jax.vmap(lambda eta: simulate(obj, SGD(eta), ...))``): checks of traced values are then
-    skipped (a bad traced value shows up as diverged paths), every other check still runs;
+    ``jax.vmap(lambda eta: simulate((obj, SGD(eta), noise), ...))``): checks of traced values
+    are then skipped (a bad traced value shows up as diverged paths), every other check runs;
     the settings of the run (counts, ``save``, ``divergence_threshold``) must be concrete.
     A [`Sweep`][lspsde.Sweep] is the documented way to run a grid.
 
@@ -409,8 +410,13 @@ def simulate(
     shape and dtype (checked with ``eval_shape``), a non-finite ``theta0`` or one beyond the
     threshold, or a noise model whose ``check(objective, theta0)`` fails.
     """
-    update, noise, batched, sweep = split_sweep(update, noise)
-    system = LearningSystem(objective, update, noise)  # checks the three types
+    if unexpected:
+        raise TypeError(
+            f"`simulate` takes two positional arguments, the system and theta0, got "
+            f"{2 + len(unexpected)}: `simulate` takes the learning system first, "
+            "`simulate((objective, update, noise), theta0, key=..., n_paths=..., n_steps=...)`."
+        )
+    system, batched, sweep = as_system(system, "simulate")  # checks the three types
     run = check_run(
         n_paths=n_paths,
         n_steps=n_steps,

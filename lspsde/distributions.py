@@ -58,6 +58,7 @@ from ._custom_types import ScalarLike
 from ._ensemble import (
     CHUNK_BUDGET_BYTES,
     MemoryPlan,
+    as_system,
     check_key,
     check_run,
     check_start,
@@ -65,18 +66,12 @@ from ._ensemble import (
     grid_point,
     named_leaves,
     run_ensemble,
-    split_sweep,
     sq_norm,
     state_size,
 )
 from ._simulate import ENSEMBLE_CF, add_cf_attrs, simulate_path
 from .exponents import mean_log_norm, stability_exponents
-from .noise import AbstractNoise
-from .objectives import AbstractObjective
-from .parameter import AbstractParameterFlow
 from .profile import DEPTH_BLOCKS, TIME_BLOCKS, NormOptions, learning_profile
-from .sweep import Sweep
-from .system import LearningSystem
 
 __all__ = ["EXPONENT_NAMES", "ExponentDistribution", "exponent_distribution"]
 
@@ -525,8 +520,7 @@ def default_chunk_size(
 
 
 def exponent_distribution(
-    system: LearningSystem
-    | tuple[AbstractObjective, AbstractParameterFlow | Sweep, AbstractNoise | Sweep],
+    system: Any,  # LearningSystem | (objective, update, noise): checked by as_system
     theta0: PyTree[ArrayLike],
     *,
     key: PRNGKeyArray,
@@ -589,21 +583,7 @@ def exponent_distribution(
     threshold, or that one update step does not map to its own shape, or a noise model whose
     ``check(objective, theta0)`` fails.
     """
-    batched = sweep = None
-    if isinstance(system, tuple):
-        if len(system) != 3:
-            raise TypeError(
-                "`system` must be a LearningSystem or a tuple (objective, update, noise), got a "
-                f"tuple of length {len(system)}."
-            )
-        objective, update, noise = system
-        update, noise, batched, sweep = split_sweep(update, noise)
-        system = LearningSystem(objective, update, noise)
-    if not isinstance(system, LearningSystem):
-        raise TypeError(
-            "`system` must be a LearningSystem or a tuple (objective, update, noise), got "
-            f"{type(system).__name__}."
-        )
+    system, batched, sweep = as_system(system, "exponent_distribution")
     run = check_run(
         n_paths=n_paths,
         n_steps=n_steps,

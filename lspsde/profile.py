@@ -32,7 +32,7 @@ import numpy as np
 from . import linalg
 from ._checks import check_positive_int
 from ._cumulative import log_cumulative_norms
-from ._ensemble import check_key, check_run, check_start, check_step, saved_steps
+from ._ensemble import as_system, check_key, check_run, check_start, check_step, saved_steps
 from .nonsmooth.clarke import Affine, Elementwise, generalized_jacobian_norm, prox_chain
 from .nonsmooth.constraints import Ball, Box, Simplex
 from .nonsmooth.flows import AbstractProximalFlow
@@ -310,7 +310,7 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options, keep_st
 
 
 def learning_profile(
-    system: LearningSystem,
+    system: Any,  # LearningSystem | (objective, update, noise): checked by as_system
     theta0: PyTree[Array],
     *,
     key: PRNGKeyArray,
@@ -327,7 +327,9 @@ def learning_profile(
 
     **Arguments:**
 
-    - `system`: a [`LearningSystem`][lspsde.system.LearningSystem].
+    - `system`: a [`LearningSystem`][lspsde.system.LearningSystem] (with a representation
+      and probes for the depth blocks), or a tuple ``(objective, update, noise)``: the one way
+      ``simulate``, ``learning_profile`` and ``exponent_distribution`` take a system.
     - `theta0`: the initial parameters $\theta^0$ (a pytree of real floating arrays, finite).
     - `key`: PRNG key of the update noise (step $t$ uses ``fold_in(key, t)``); required, as
       everywhere in lspsde.
@@ -351,8 +353,12 @@ def learning_profile(
     cannot be classified (the message lists those that can) and ``ValueError`` for a bad `tol`
     or `max_kinks`.
     """
-    if not isinstance(system, LearningSystem):
-        raise TypeError(f"`system` must be a LearningSystem, got {type(system).__name__}.")
+    system, batched, _ = as_system(system, "learning_profile")
+    if batched is not None:
+        raise TypeError(
+            "`learning_profile` follows one path of one system; for a grid of flows or noise "
+            "models use `exponent_distribution` with the Sweep (the profile of every path)."
+        )
     run = check_run(
         n_paths=1,
         n_steps=n_steps,

@@ -59,7 +59,9 @@ def test_wrapped_optax_matches_optax_step_for_step(quadratic, name, noisy):
     noise = lspsde.IsotropicGaussian(0.3) if noisy else lspsde.NoNoise()
     tx = OPTIMIZERS[name]()
     theta0, key, T = jnp.array([1.0, -1.0, 2.0]), jax.random.key(4), 25
-    ens = lspsde.simulate(quadratic, lspsde.Optax(tx), noise, theta0, key=key, n_paths=3, n_steps=T)
+    ens = lspsde.simulate(
+        (quadratic, lspsde.Optax(tx), noise), theta0, key=key, n_paths=3, n_steps=T
+    )
     for p in range(3):
         want = _optax_loop(quadratic, noise, tx, theta0, key, p, T)
         np.testing.assert_allclose(np.asarray(ens.theta[p]), want, rtol=1e-13, atol=1e-15)
@@ -71,20 +73,20 @@ def test_factory_form_sweeps_hyperparameters_as_one_program(quadratic):
     theta0, key = jnp.array([1.0, -1.0, 2.0]), jax.random.key(1)
     noise = lspsde.IsotropicGaussian(0.2)
     kw = dict(key=key, n_paths=4, n_steps=20)
-    built = lspsde.simulate(quadratic, lspsde.Optax(optax.adam(0.05)), noise, theta0, **kw)
+    built = lspsde.simulate((quadratic, lspsde.Optax(optax.adam(0.05)), noise), theta0, **kw)
     factory = lspsde.simulate(
-        quadratic, lspsde.Optax(optax.adam, learning_rate=0.05), noise, theta0, **kw
+        (quadratic, lspsde.Optax(optax.adam, learning_rate=0.05), noise), theta0, **kw
     )
     np.testing.assert_allclose(factory.theta, built.theta, rtol=1e-14, atol=1e-15)
     lrs = [0.01, 0.05, 0.2]
     sweep = lspsde.Sweep.of(
         lambda lr: lspsde.Optax(optax.adam, learning_rate=lr, b1=0.8), lrs, name="lr"
     )
-    swept = lspsde.simulate(quadratic, sweep, noise, theta0, **kw)
+    swept = lspsde.simulate((quadratic, sweep, noise), theta0, **kw)
     assert swept.theta.shape == (3, 4, 21, 3)
     for g, lr in enumerate(lrs):
         one = lspsde.simulate(
-            quadratic, lspsde.Optax(optax.adam, learning_rate=lr, b1=0.8), noise, theta0, **kw
+            (quadratic, lspsde.Optax(optax.adam, learning_rate=lr, b1=0.8), noise), theta0, **kw
         )
         np.testing.assert_array_equal(swept.at(g).theta, one.theta)  # bit for bit
 
@@ -93,12 +95,14 @@ def test_heavy_ball_equals_optax_momentum_sgd(quadratic):
     theta0, key = jnp.array([1.0, -1.0, 2.0]), jax.random.key(2)
     noise = lspsde.IsotropicGaussian(0.2)
     kw = dict(key=key, n_paths=3, n_steps=40)
-    hb = lspsde.simulate(quadratic, lspsde.HeavyBall(0.1, 0.6), noise, theta0, **kw)
-    ox = lspsde.simulate(quadratic, lspsde.Optax(optax.sgd(0.1, momentum=0.6)), noise, theta0, **kw)
+    hb = lspsde.simulate((quadratic, lspsde.HeavyBall(0.1, 0.6), noise), theta0, **kw)
+    ox = lspsde.simulate(
+        (quadratic, lspsde.Optax(optax.sgd(0.1, momentum=0.6)), noise), theta0, **kw
+    )
     # v = -eta * trace: the same recursion, associated differently
     np.testing.assert_allclose(hb.theta, ox.theta, rtol=1e-12, atol=1e-14)
-    sgd = lspsde.simulate(quadratic, lspsde.SGD(0.1), noise, theta0, **kw)
-    zero = lspsde.simulate(quadratic, lspsde.HeavyBall(0.1, 0.0), noise, theta0, **kw)
+    sgd = lspsde.simulate((quadratic, lspsde.SGD(0.1), noise), theta0, **kw)
+    zero = lspsde.simulate((quadratic, lspsde.HeavyBall(0.1, 0.0), noise), theta0, **kw)
     np.testing.assert_allclose(zero.theta, sgd.theta, rtol=1e-14, atol=1e-15)
     assert np.max(np.abs(hb.theta - sgd.theta)) > 0.1  # momentum changes the path
 
@@ -139,9 +143,11 @@ def test_heavy_ball_exponent_is_log_spectral_radius_of_companion(quadratic, eta,
 def test_unstable_heavy_ball_diverges_as_data(quadratic):
     theta0 = jnp.array([1.0, -1.0, 2.0])
     ens = lspsde.simulate(
-        quadratic,
-        lspsde.Sweep.of(lambda eta: lspsde.HeavyBall(eta, 0.5), [0.2, 1.6], name="eta"),
-        lspsde.IsotropicGaussian(0.1),
+        (
+            quadratic,
+            lspsde.Sweep.of(lambda eta: lspsde.HeavyBall(eta, 0.5), [0.2, 1.6], name="eta"),
+            lspsde.IsotropicGaussian(0.1),
+        ),
         theta0,
         key=jax.random.key(0),
         n_paths=8,

@@ -50,20 +50,20 @@ def _counting(monkeypatch) -> list:
 
 def test_stored_pieces_equal_the_plain_run_and_are_reused(problem, tmp_path, monkeypatch):
     obj, sweep, noise, theta0, kw = problem
-    plain = lspsde.simulate(obj, sweep, noise, theta0, **kw)
+    plain = lspsde.simulate((obj, sweep, noise), theta0, **kw)
     calls = _counting(monkeypatch)
     with distributed.execution(tmp_path, chunk_size=4):
-        stored = lspsde.simulate(obj, sweep, noise, theta0, **kw)
+        stored = lspsde.simulate((obj, sweep, noise), theta0, **kw)
     _same(stored, plain)
     assert len(calls) == 3 and len(distributed.PieceStore(tmp_path)) == 3  # 3 chunks, whole grid
     calls.clear()
     with distributed.execution(tmp_path, chunk_size=4):
-        again = lspsde.simulate(obj, sweep, noise, theta0, **kw)
+        again = lspsde.simulate((obj, sweep, noise), theta0, **kw)
     _same(again, plain)
     assert calls == []  # every piece loaded, none computed
     # another run (a different key) shares no piece
     with distributed.execution(tmp_path, chunk_size=4):
-        lspsde.simulate(obj, sweep, noise, theta0, **{**kw, "key": jax.random.key(1)})
+        lspsde.simulate((obj, sweep, noise), theta0, **{**kw, "key": jax.random.key(1)})
     assert len(calls) == 3 and len(distributed.PieceStore(tmp_path)) == 6
 
 
@@ -83,14 +83,14 @@ def _edit(path):
 def test_a_damaged_piece_is_recomputed_never_used(problem, tmp_path, monkeypatch, capsys, damage):
     obj, _, noise, theta0, kw = problem
     flow = lspsde.SGD(0.5)
-    plain = lspsde.simulate(obj, flow, noise, theta0, **kw)
+    plain = lspsde.simulate((obj, flow, noise), theta0, **kw)
     with distributed.execution(tmp_path, chunk_size=4):
-        lspsde.simulate(obj, flow, noise, theta0, **kw)
+        lspsde.simulate((obj, flow, noise), theta0, **kw)
     victim = sorted(tmp_path.glob("*.h5"))[1]
     damage(victim)
     calls = _counting(monkeypatch)
     with distributed.execution(tmp_path, chunk_size=4):
-        again = lspsde.simulate(obj, flow, noise, theta0, **kw)
+        again = lspsde.simulate((obj, flow, noise), theta0, **kw)
     _same(again, plain)
     assert len(calls) == 1  # exactly the damaged one
     assert f"not using piece {victim}" in capsys.readouterr().err
@@ -123,7 +123,7 @@ def test_bad_execution_settings():
 def test_outside_execution_nothing_is_stored(problem, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     obj, sweep, noise, theta0, kw = problem
-    lspsde.simulate(obj, sweep, noise, theta0, **kw)
+    lspsde.simulate((obj, sweep, noise), theta0, **kw)
     assert list(tmp_path.iterdir()) == []
     assert distributed.current() is None
 
@@ -134,7 +134,7 @@ def test_a_local_cluster_gives_the_serial_numbers_even_when_a_worker_dies(proble
     etas = list(np.linspace(0.05, 0.9, 6))
     sweep = lspsde.Sweep.of(lambda e: lspsde.SGD(e), etas, name="eta")
     kw = dict(key=jax.random.key(3), n_paths=24, n_steps=3000, save_every=100)
-    serial = lspsde.simulate(obj, sweep, noise, theta0, **kw)
+    serial = lspsde.simulate((obj, sweep, noise), theta0, **kw)
     with distributed.connect(workers=2) as client:
         store = distributed.PieceStore(tmp_path)
         killed = []
@@ -150,7 +150,7 @@ def test_a_local_cluster_gives_the_serial_numbers_even_when_a_worker_dies(proble
         thread = threading.Thread(target=kill_one_worker, daemon=True)
         thread.start()
         with distributed.execution(store, client=client, chunk_size=4):
-            result = lspsde.simulate(obj, sweep, noise, theta0, **kw)
+            result = lspsde.simulate((obj, sweep, noise), theta0, **kw)
         thread.join(timeout=60)
     assert killed, "no worker was killed: the test did not exercise a failure"
     _same(result, serial)
@@ -160,5 +160,5 @@ def test_a_local_cluster_gives_the_serial_numbers_even_when_a_worker_dies(proble
 def test_a_sweep_is_one_piece_per_chunk(problem, tmp_path):
     obj, sweep, noise, theta0, kw = problem
     with distributed.execution(tmp_path):
-        lspsde.simulate(obj, sweep, noise, theta0, **kw)
+        lspsde.simulate((obj, sweep, noise), theta0, **kw)
     assert len(distributed.PieceStore(tmp_path)) == 1  # all paths in one chunk, the whole grid

@@ -208,9 +208,7 @@ def test_every_path_matches_dense_jacobians_and_its_own_learning_profile(state_d
 def test_path_p_is_path_p_of_simulate(state_dependent):
     system, dist = state_dependent
     ens = simulate(
-        system.objective,
-        system.update,
-        system.noise,
+        (system.objective, system.update, system.noise),
         jnp.zeros(D),
         key=KEY,
         n_paths=64,
@@ -334,14 +332,14 @@ def test_diverged_paths_are_excluded_and_counted():
     system = _system(eta=0.7, star=0.0)
     # The threshold: the median final norm of an unthresholded run, so that some paths cross it
     # and some (at least those whose whole path stays below it) do not, whatever the key.
-    free = simulate(system.objective, system.update, system.noise, jnp.zeros(D), key=KEY,
+    free = simulate((system.objective, system.update, system.noise), jnp.zeros(D), key=KEY,
                     n_paths=6, n_steps=T, save_every=1)  # fmt: skip
     peak = np.sort(np.linalg.norm(np.asarray(free.theta), axis=-1).max(axis=1))
     threshold = float(0.5 * (peak[2] + peak[3]))  # three paths cross it, three never do
     kwargs = dict(key=KEY, n_paths=6, n_steps=T, save_every=EVERY, divergence_threshold=threshold)
     dist = exponent_distribution(system, jnp.zeros(D), **kwargs, chunk_size=CHUNK, method="dense")
     # (rtol is irrelevant with dense norms: the program of the other dense ensembles is reused)
-    ens = simulate(system.objective, system.update, system.noise, jnp.zeros(D), **kwargs)
+    ens = simulate((system.objective, system.update, system.noise), jnp.zeros(D), **kwargs)
     np.testing.assert_array_equal(dist.diverged, ens.diverged)
     np.testing.assert_array_equal(dist.divergence_step, ens.divergence_step)
     valid = ~np.asarray(dist.diverged)

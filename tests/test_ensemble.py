@@ -47,8 +47,8 @@ def test_a_sweep_equals_the_loop_to_the_bit_and_compiles_once(swept):
         # vectorised grid rounds differently.
         noise = lspsde.GaussianNoise(0.3, 0.5)
         sweep = lspsde.Sweep.of(lspsde.SGD, etas, name="step_size")
-        loop = [lspsde.simulate(obj, lspsde.SGD(e), noise, theta0, **run) for e in etas]
-        args = lambda sw: (obj, sw, noise, theta0)
+        loop = [lspsde.simulate((obj, lspsde.SGD(e), noise), theta0, **run) for e in etas]
+        args = lambda sw: ((obj, sw, noise), theta0)
         other = lspsde.Sweep.of(lspsde.SGD, etas / 2, name="step_size")
     else:
         update = lspsde.SGD(0.3)
@@ -56,10 +56,10 @@ def test_a_sweep_equals_the_loop_to_the_bit_and_compiles_once(swept):
             [lspsde.GaussianNoise(s, 0.5) for s in sigmas], name="sigma0", values=sigmas
         )
         loop = [
-            lspsde.simulate(obj, update, lspsde.GaussianNoise(s, 0.5), theta0, **run)
+            lspsde.simulate((obj, update, lspsde.GaussianNoise(s, 0.5)), theta0, **run)
             for s in sigmas
         ]
-        args = lambda sw: (obj, update, sw, theta0)
+        args = lambda sw: ((obj, update, sw), theta0)
         other = lspsde.Sweep([lspsde.GaussianNoise(s, 0.5) for s in sigmas[::-1]], name="sigma0")
     before = engine._run_chunk._cached._cache_size()
     ens = lspsde.simulate(*args(sweep), **run)
@@ -92,15 +92,18 @@ def test_a_vectorised_grid_and_jit_of_vmap_of_simulate_agree_with_the_loop():
     etas = jnp.array([0.1, 0.5, 0.9])
     run = dict(key=KEY, n_paths=5, n_steps=20)
     loop = np.stack(
-        [np.asarray(lspsde.simulate(obj, lspsde.SGD(e), noise, theta0, **run).theta) for e in etas]
+        [
+            np.asarray(lspsde.simulate((obj, lspsde.SGD(e), noise), theta0, **run).theta)
+            for e in etas
+        ]
     )
     # The one-liner: checks of traced values are skipped, never a crash.
-    f = jax.jit(jax.vmap(lambda eta: lspsde.simulate(obj, lspsde.SGD(eta), noise, theta0, **run)))
+    f = jax.jit(jax.vmap(lambda eta: lspsde.simulate((obj, lspsde.SGD(eta), noise), theta0, **run)))
     ens = f(etas)
     assert ens.theta.shape == loop.shape
     np.testing.assert_allclose(ens.theta, loop, rtol=1e-14, atol=1e-15)  # XLA may round ~1 ulp
     batched = lspsde.Sweep(eqx.filter_vmap(lspsde.SGD)(etas), name="eta", batch_size=3)
-    ens = lspsde.simulate(obj, batched, noise, theta0, **run)
+    ens = lspsde.simulate((obj, batched, noise), theta0, **run)
     np.testing.assert_allclose(ens.theta, loop, rtol=1e-14, atol=1e-15)
 
 
@@ -119,7 +122,7 @@ def test_bad_sweeps_are_refused():
     sw = lspsde.Sweep.of(lspsde.SGD, [0.1, 0.2], name="eta")
     nsw = lspsde.Sweep([lspsde.IsotropicGaussian(0.1)])
     with pytest.raises(ValueError, match="not both"):
-        lspsde.simulate(obj, sw, nsw, jnp.zeros(3), key=KEY, n_paths=2, n_steps=2)
+        lspsde.simulate((obj, sw, nsw), jnp.zeros(3), key=KEY, n_paths=2, n_steps=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +143,7 @@ def test_an_impossible_request_is_refused_at_once(no_compile):
     start = time.perf_counter()
     with pytest.raises(MemoryError, match=r"save=\"summary\".*save_every.*fewer paths") as err:
         lspsde.simulate(
-            obj,
-            lspsde.SGD(0.1),
-            lspsde.IsotropicGaussian(0.1),
+            (obj, lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.1)),
             jnp.zeros(1000),
             key=KEY,
             n_paths=100_000,
@@ -155,7 +156,7 @@ def test_an_impossible_request_is_refused_at_once(no_compile):
 
 def test_the_memory_limit_counts_the_grid_and_the_saved_steps(no_compile, monkeypatch):
     obj = _quadratic(100)
-    args = (obj, lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.1), jnp.zeros(100))
+    args = ((obj, lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.1)), jnp.zeros(100))
     run = dict(key=KEY, n_paths=1000, n_steps=1000)
     # Trajectory: 1000 x 1001 x 100 x 8 B = 0.8 GB; summary: ~16 MB.
     monkeypatch.setenv("LSPSDE_MEMORY_LIMIT", str(2**29))
@@ -166,7 +167,7 @@ def test_the_memory_limit_counts_the_grid_and_the_saved_steps(no_compile, monkey
     sweep = lspsde.Sweep.of(lspsde.SGD, np.linspace(0.01, 0.1, 50), name="eta")
     monkeypatch.setenv("LSPSDE_MEMORY_LIMIT", str(2**24))
     with pytest.raises(MemoryError, match="smaller grid"):
-        lspsde.simulate(obj, sweep, args[2], args[3], **run, save="summary")
+        lspsde.simulate((obj, sweep, args[0][2]), args[1], **run, save="summary")
 
 
 @pytest.mark.parametrize(
@@ -180,9 +181,7 @@ def test_the_memory_limit_counts_the_grid_and_the_saved_steps(no_compile, monkey
         (lambda: lspsde.schedules.check_real_scalar("step_size", 1j), TypeError, "real"),
         (
             lambda: lspsde.simulate(
-                _quadratic(2),
-                lspsde.SGD(0.1),
-                lspsde.NoNoise(),
+                (_quadratic(2), lspsde.SGD(0.1), lspsde.NoNoise()),
                 jnp.zeros(2, dtype=complex),
                 key=KEY,
                 n_paths=2,
@@ -305,21 +304,21 @@ def test_continuous_limits_sweep_with_a_static_substep_count():
         (lambda e: lspsde.SGDLimit(e, n_substeps=4), lspsde.GaussianNoise(0.3, 0.5)),
         (lambda e: lspsde.GradientFlow(e, n_substeps=8), lspsde.NoNoise()),
     ):
-        ens = lspsde.simulate(obj, lspsde.Sweep.of(make, etas, name="eta"), noise, theta0, **run)
+        ens = lspsde.simulate((obj, lspsde.Sweep.of(make, etas, name="eta"), noise), theta0, **run)
         for g, eta in enumerate(etas):
-            plain = lspsde.simulate(obj, make(eta), noise, theta0, **run)
+            plain = lspsde.simulate((obj, make(eta), noise), theta0, **run)
             np.testing.assert_array_equal(ens.theta[g], plain.theta)
     # n_substeps = 4 is dt = eta / 4, to the bit.
     a = lspsde.simulate(
-        obj, lspsde.SGDLimit(0.2, n_substeps=4), lspsde.GaussianNoise(0.3), theta0, **run
+        (obj, lspsde.SGDLimit(0.2, n_substeps=4), lspsde.GaussianNoise(0.3)), theta0, **run
     )
     b = lspsde.simulate(
-        obj, lspsde.SGDLimit(0.2, dt=0.05), lspsde.GaussianNoise(0.3), theta0, **run
+        (obj, lspsde.SGDLimit(0.2, dt=0.05), lspsde.GaussianNoise(0.3)), theta0, **run
     )
     np.testing.assert_array_equal(a.theta, b.theta)
     # The gradient flow's exact solution on diag(lambda): theta_t = theta* + e^(-lambda t) e_0.
     flow = lspsde.GradientFlow(0.2, n_substeps=16)
-    flow = lspsde.simulate(obj, flow, lspsde.NoNoise(), jnp.zeros(3), **run)
+    flow = lspsde.simulate((obj, flow, lspsde.NoNoise()), jnp.zeros(3), **run)
     lam = np.linspace(0.5, 2.0, 3)
     exact = 1.0 - np.exp(-lam[None, :] * 0.2 * np.arange(6)[:, None])
     np.testing.assert_allclose(flow.theta[0], exact, rtol=1e-6)

@@ -279,9 +279,7 @@ def test_trajectory_linear_saliency_is_theta():
     objective = _regression()
     d, eta, sigma = 4, 0.1, 0.5
     ens = lspsde.simulate(
-        objective,
-        lspsde.SGD(step_size=eta),
-        lspsde.IsotropicGaussian(sigma),
+        (objective, lspsde.SGD(step_size=eta), lspsde.IsotropicGaussian(sigma)),
         jnp.zeros(d),
         key=jax.random.key(0),
         n_paths=32,
@@ -326,9 +324,7 @@ def test_trajectory_spread_matches_sgd_covariance():
     objective = _regression()
     d, eta, sigma, P = 4, 0.1, 0.5, 2048
     ens = lspsde.simulate(
-        objective,
-        lspsde.SGD(step_size=eta),
-        lspsde.IsotropicGaussian(sigma),
+        (objective, lspsde.SGD(step_size=eta), lspsde.IsotropicGaussian(sigma)),
         jnp.zeros(d),
         key=jax.random.key(1),
         n_paths=P,
@@ -379,9 +375,11 @@ def test_trajectory_of_a_trained_network():
     data = models.teacher_student(key, n=32, d_in=3, d_out=1)
     net = models.mlp(key, [3, 5, 1], activation="tanh", init="gaussian", final_activation=False)
     ens = lspsde.simulate(
-        lspsde.SupervisedLoss(net, data.inputs, data.targets),
-        lspsde.SGD(step_size=0.1),
-        lspsde.IsotropicGaussian(0.3),
+        (
+            lspsde.SupervisedLoss(net, data.inputs, data.targets),
+            lspsde.SGD(step_size=0.1),
+            lspsde.IsotropicGaussian(0.3),
+        ),
         lspsde.parameters(net),
         key=jax.random.key(61),
         n_paths=3,
@@ -470,9 +468,7 @@ def test_bad_inputs_raise_clear_errors():
     with _type_error("rtol"):
         explanation_sensitivity(linear, theta, x, rtol="small")
     ens = lspsde.simulate(
-        _regression(d=D),
-        lspsde.SGD(step_size=0.1),
-        lspsde.IsotropicGaussian(0.1),
+        (_regression(d=D), lspsde.SGD(step_size=0.1), lspsde.IsotropicGaussian(0.1)),
         jnp.zeros(D),
         key=jax.random.key(2),
         n_paths=2,

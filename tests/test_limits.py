@@ -39,15 +39,15 @@ def test_euler_maruyama_with_one_substep_is_sgd(noise):
     key = jax.random.key(3)
     eta = 0.2
     kw = dict(key=key, n_paths=6, n_steps=40)
-    sgd = lspsde.simulate(QUAD, lspsde.SGD(eta), noise, THETA0, **kw)
-    em = lspsde.simulate(QUAD, SGDLimit(eta, dt=eta, solver=dfx.Euler()), noise, THETA0, **kw)
+    sgd = lspsde.simulate((QUAD, lspsde.SGD(eta), noise), THETA0, **kw)
+    em = lspsde.simulate((QUAD, SGDLimit(eta, dt=eta, solver=dfx.Euler()), noise), THETA0, **kw)
     np.testing.assert_allclose(em.theta, sgd.theta, rtol=0, atol=1e-13)
     # A finer limit path stays close to SGD on the same Brownian path (strong coupling) ...
-    fine = lspsde.simulate(QUAD, SGDLimit(eta, solver=dfx.Euler()), noise, THETA0, **kw)
+    fine = lspsde.simulate((QUAD, SGDLimit(eta, solver=dfx.Euler()), noise), THETA0, **kw)
     gap = float(jnp.sqrt(jnp.mean(jnp.sum((fine.theta - sgd.theta) ** 2, -1))))
     # ... while an independent key does not (the Brownian paths really are shared).
     other = lspsde.simulate(
-        QUAD, SGDLimit(eta, solver=dfx.Euler()), noise, THETA0, **{**kw, "key": jax.random.key(4)}
+        (QUAD, SGDLimit(eta, solver=dfx.Euler()), noise), THETA0, **{**kw, "key": jax.random.key(4)}
     )
     gap_other = float(jnp.sqrt(jnp.mean(jnp.sum((other.theta - sgd.theta) ** 2, -1))))
     assert gap < 0.5 * gap_other
@@ -132,7 +132,7 @@ def test_ou_exact_mean_and_variance_monte_carlo():
     eta, sigma, n_steps, n_paths = 0.25, 1.5, 12, 4096
     noise = lspsde.IsotropicGaussian(sigma)
     ens = lspsde.simulate(
-        QUAD, SGDLimit(eta), noise, THETA0, key=jax.random.key(1), n_paths=n_paths,
+        (QUAD, SGDLimit(eta), noise), THETA0, key=jax.random.key(1), n_paths=n_paths,
         n_steps=n_steps, save_every=4,
     )  # fmt: skip
     t = np.asarray(ens.steps) * eta
@@ -228,8 +228,8 @@ def test_sgd_to_sde_weak_error_is_order_one():
 
     eta, n = 0.1, 10
     kw = dict(key=jax.random.key(11), n_paths=4096, n_steps=n, save="summary")
-    sgd = lspsde.simulate(QUAD, lspsde.SGD(eta), noise, THETA0, **kw)
-    sde = lspsde.simulate(QUAD, SGDLimit(eta), noise, THETA0, **kw)
+    sgd = lspsde.simulate((QUAD, lspsde.SGD(eta), noise), THETA0, **kw)
+    sde = lspsde.simulate((QUAD, SGDLimit(eta), noise), THETA0, **kw)
     gap = np.asarray(sgd.energy[:, -1] - sde.energy[:, -1])  # coupled: small variance
     se = gap.std(ddof=1) / np.sqrt(gap.size)
     exact_gap = float(
@@ -251,7 +251,7 @@ def test_gradient_flow_exponents_are_hessian_eigenvalues():
     spectrum = lspsde.lyapunov_spectrum(step, THETA0, 100, n_transient=300, dt=eta)
     np.testing.assert_allclose(spectrum, -np.sort(np.asarray(LAM)), atol=1e-6)
     ens = lspsde.simulate(
-        QUAD, flow, lspsde.NoNoise(), THETA0, key=jax.random.key(0), n_paths=1, n_steps=20
+        (QUAD, flow, lspsde.NoNoise()), THETA0, key=jax.random.key(0), n_paths=1, n_steps=20
     )
     t = np.asarray(ens.steps) * eta
     np.testing.assert_allclose(
@@ -315,10 +315,10 @@ def test_minibatch_limit_runs_and_keeps_the_mean():
     noise = lspsde.MinibatchNoise(4, 24)
     eta, n = 0.05, 10
     ens = lspsde.simulate(
-        obj, SGDLimit(eta), noise, jnp.zeros(D), key=jax.random.key(2), n_paths=2048, n_steps=n
+        (obj, SGDLimit(eta), noise), jnp.zeros(D), key=jax.random.key(2), n_paths=2048, n_steps=n
     )
     flow = lspsde.simulate(
-        obj, GradientFlow(eta), lspsde.NoNoise(), jnp.zeros(D), key=jax.random.key(0),
+        (obj, GradientFlow(eta), lspsde.NoNoise()), jnp.zeros(D), key=jax.random.key(0),
         n_paths=1, n_steps=n,
     )  # fmt: skip
     mean = np.asarray(ens.theta[:, -1].mean(0))
@@ -336,7 +336,7 @@ def test_adaptive_sde_steps_on_a_virtual_brownian_tree():
     limit = SGDLimit(eta, solver=dfx.SPaRK(), stepsize_controller=dfx.PIDController(
         rtol=1e-3, atol=1e-4))  # fmt: skip
     ens = lspsde.simulate(
-        QUAD, limit, noise, THETA0, key=jax.random.key(5), n_paths=512, n_steps=4, save="summary"
+        (QUAD, limit, noise), THETA0, key=jax.random.key(5), n_paths=512, n_steps=4, save="summary"
     )
     m = ens.mean_energy()
     exact = float(_ou_second_moment(4 * eta, eta, sigma))
@@ -369,7 +369,7 @@ def test_adaptive_sde_steps_on_a_virtual_brownian_tree():
 )
 def test_bad_input_is_refused_before_compilation(make, noise, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        lspsde.simulate(QUAD, make(), noise, THETA0, key=jax.random.key(0), n_paths=2, n_steps=2)
+        lspsde.simulate((QUAD, make(), noise), THETA0, key=jax.random.key(0), n_paths=2, n_steps=2)
 
 
 def test_limit_is_not_a_plain_update():
@@ -388,8 +388,8 @@ def test_weak_and_strong_error_and_fitted_order():
     noise = lspsde.IsotropicGaussian(sigma)
     eta = 0.1
     kw = dict(key=jax.random.key(2), n_paths=2048, n_steps=n, save_every=5)
-    sgd = lspsde.simulate(QUAD, lspsde.SGD(eta), noise, THETA0, **kw)
-    sde = lspsde.simulate(QUAD, SGDLimit(eta), noise, THETA0, **kw)
+    sgd = lspsde.simulate((QUAD, lspsde.SGD(eta), noise), THETA0, **kw)
+    sde = lspsde.simulate((QUAD, SGDLimit(eta), noise), THETA0, **kw)
     weak = lspsde.limits.weak_error(sgd, sde)
     exact = lspsde.quadratic_mean_square(jnp.diag(LAM), THETA0, eta, sigma, 0.0, n)
     exact_gap = np.asarray(exact)[weak.steps] - np.asarray(
@@ -478,7 +478,7 @@ def test_uncoupled_increments_have_the_same_law_but_no_pin():
     xi = np.asarray(jax.vmap(lambda k: noise.sample(k, THETA0))(keys))
     corr = np.corrcoef(W.sum(axis=1)[:, 0], xi[:, 0])[0, 1]
     assert abs(corr) < 0.05  # not pinned to SGD's draw
-    ens = lspsde.simulate(QUAD, SGDLimit(0.25, coupled=False), lspsde.IsotropicGaussian(1.5),
+    ens = lspsde.simulate((QUAD, SGDLimit(0.25, coupled=False), lspsde.IsotropicGaussian(1.5)),
                           THETA0, key=jax.random.key(3), n_paths=2048, n_steps=8,
                           save="summary")  # fmt: skip
     m = ens.mean_energy()
@@ -516,7 +516,7 @@ def test_second_order_sgd_limit_drift_is_the_modified_flow():
     eta = 0.2
     noise = lspsde.IsotropicGaussian(0.0)
     kw = dict(key=jax.random.key(0), n_paths=2, n_steps=5)
-    sde = lspsde.simulate(QUAD, SGDLimit(eta, order=2), noise, THETA0, **kw)  # ShARK
+    sde = lspsde.simulate((QUAD, SGDLimit(eta, order=2), noise), THETA0, **kw)  # ShARK
     lam = np.asarray(LAM)
     t = np.asarray(sde.steps) * eta
     exact = np.exp(-np.outer(t, lam + eta * lam**2 / 2)) * np.asarray(THETA0)

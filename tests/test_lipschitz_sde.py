@@ -130,9 +130,7 @@ def linear():
     objective = MatrixQuadratic(jnp.asarray(A))
     noise = lspsde.IsotropicGaussian(SCALE)
     ens = lspsde.simulate(
-        objective,
-        lspsde.SGD(ETA),
-        noise,
+        (objective, lspsde.SGD(ETA), noise),
         jnp.asarray(W0),
         key=jax.random.key(3),
         n_paths=N_PATHS,
@@ -322,7 +320,7 @@ def test_log_bound_of_two_correlated_layers():
     noise = lspsde.AnisotropicGaussian(jnp.asarray(C))
     theta0 = jax.tree.map(jnp.asarray, theta0)
     steps, save = 200, 50
-    ens = lspsde.simulate(objective, lspsde.SGD(ETA), noise, theta0, key=jax.random.key(7),
+    ens = lspsde.simulate((objective, lspsde.SGD(ETA), noise), theta0, key=jax.random.key(7),
                           n_paths=N_PATHS, n_steps=steps, save_every=save)  # fmt: skip
     log_bound = np.log(_sigma1(ens.theta["a"])) + np.log(_sigma1(ens.theta["b"]))
     pred = spectral_norm_moments(objective, noise, theta0, ETA, n_steps=steps, save_every=save)

@@ -659,7 +659,7 @@ def test_a_laplace_model_from_public_helpers_through_simulate():
     objective = models.Quadratic(H, star)
     noise = LaplaceNoise(b)
     ens = lspsde.simulate(
-        objective, lspsde.SGD(eta), noise, jnp.zeros(d), key=jax.random.key(3),
+        (objective, lspsde.SGD(eta), noise), jnp.zeros(d), key=jax.random.key(3),
         n_paths=n_paths, n_steps=n_steps,
     )  # fmt: skip
     theta = np.asarray(ens.theta)

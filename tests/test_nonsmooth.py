@@ -162,7 +162,7 @@ def test_orthogonal_design_converges_to_soft_thresholding(s2):
     assert 0 < np.count_nonzero(expected) < d  # some coordinates thresholded, some not
     flow = ProximalGradient(0.3 / s2, L1(lam))
     ens = lspsde.simulate(
-        objective, flow, lspsde.NoNoise(), jnp.zeros(d), key=KEY, n_paths=1, n_steps=300,
+        (objective, flow, lspsde.NoNoise()), jnp.zeros(d), key=KEY, n_paths=1, n_steps=300,
         save="summary",
     )  # fmt: skip
     np.testing.assert_allclose(ens.final_theta[0], expected, atol=1e-12)
@@ -171,7 +171,7 @@ def test_orthogonal_design_converges_to_soft_thresholding(s2):
 
 def _energies(flow, objective, theta0, n_steps):
     ens = lspsde.simulate(
-        objective, flow, lspsde.NoNoise(), theta0, key=KEY, n_paths=1, n_steps=n_steps
+        (objective, flow, lspsde.NoNoise()), theta0, key=KEY, n_paths=1, n_steps=n_steps
     )
     thetas = ens.theta[0]
     return np.asarray(jax.vmap(lambda th: flow.energy(objective, th))(thetas)), thetas
@@ -261,7 +261,7 @@ def test_stochastic_projected_gradient_stays_feasible(constraint):
     objective = models.Quadratic(jnp.diag(jnp.array([1.0, 2.0, 3.0])), jnp.array([2.0, -1.0, 0.0]))
     noise = lspsde.IsotropicGaussian(1.0)
     run = lambda flow: lspsde.simulate(
-        objective, flow, noise, jnp.zeros(3), key=KEY, n_paths=16, n_steps=50
+        (objective, flow, noise), jnp.zeros(3), key=KEY, n_paths=16, n_steps=50
     )
     ens = run(ProjectedGradient(0.1, constraint))
     inside = jax.vmap(jax.vmap(constraint.contains))(ens.theta[:, 1:])
@@ -279,15 +279,15 @@ def test_sweep_over_step_sizes_and_weights_matches_plain_runs():
     noise = lspsde.IsotropicGaussian(0.2)
     theta0 = jnp.ones(8)
     sweep = lspsde.Sweep.of(lambda e: ProximalGradient(e, L1(0.3)), etas, name="step_size")
-    grid = lspsde.simulate(objective, sweep, noise, theta0, **sim)
+    grid = lspsde.simulate((objective, sweep, noise), theta0, **sim)
     assert grid.final_theta.shape == (3, 3, 8) and grid.grid_name == "step_size"
     for g, eta in enumerate(etas):
-        plain = lspsde.simulate(objective, ProximalGradient(eta, L1(0.3)), noise, theta0, **sim)
+        plain = lspsde.simulate((objective, ProximalGradient(eta, L1(0.3)), noise), theta0, **sim)
         np.testing.assert_array_equal(grid.at(g).final_theta, plain.final_theta)
     weights = lspsde.Sweep(
         [ProximalGradient(0.5 / float(objective.L), ElasticNet(w, 0.1)) for w in (0.0, 0.5, 5.0)]
     )
-    by_weight = lspsde.simulate(objective, weights, lspsde.NoNoise(), theta0, **sim)
+    by_weight = lspsde.simulate((objective, weights, lspsde.NoNoise()), theta0, **sim)
     zeros = np.sum(np.asarray(by_weight.final_theta[:, 0]) == 0, axis=-1)
     assert zeros[0] == 0 and zeros[-1] == 8  # a large l1 weight zeroes every coordinate
 
@@ -343,7 +343,7 @@ def test_new_hyperparameter_values_do_not_recompile(make):
     traces = []
     objective = _CountingQuadratic(traces)
     run = lambda a: lspsde.simulate(
-        objective, make(a), lspsde.IsotropicGaussian(0.3), jnp.zeros(3), key=KEY, n_paths=2,
+        (objective, make(a), lspsde.IsotropicGaussian(0.3)), jnp.zeros(3), key=KEY, n_paths=2,
         n_steps=5,
     )  # fmt: skip
     first = run(1.0)
@@ -395,7 +395,7 @@ def test_constraint_that_does_not_fit_theta_fails_before_compiling(flow, match):
     objective = models.Quadratic(jnp.eye(3), jnp.zeros(3))
     with pytest.raises(ValueError, match="(?s)" + match + r".*pytree of the parameters' structure"):
         lspsde.simulate(
-            objective, flow, lspsde.NoNoise(), jnp.zeros(3), key=KEY, n_paths=1, n_steps=2
+            (objective, flow, lspsde.NoNoise()), jnp.zeros(3), key=KEY, n_paths=1, n_steps=2
         )
 
 

@@ -57,7 +57,7 @@ def _lasso_run(eta_L, n_steps=60, s2=1.0, lam=1.0):
     objective, theta_star = _orthogonal_lasso(s2, lam)
     flow = ProximalGradient(eta_L / float(objective.L), L1(lam))
     ens = lspsde.simulate(
-        objective, flow, lspsde.NoNoise(), jnp.full(10, 2.0), key=KEY, n_paths=1,
+        (objective, flow, lspsde.NoNoise()), jnp.full(10, 2.0), key=KEY, n_paths=1,
         n_steps=n_steps,
     )  # fmt: skip
     trace = energy_trace(CompositeEnergy.of(objective, flow, minimizer=theta_star), ens)
@@ -94,7 +94,7 @@ def test_sufficient_decrease_is_a_bound_on_a_general_design():
     for eta_L in (0.3, 1.0):
         flow = ProximalGradient(eta_L / L, L1(0.3))
         ens = lspsde.simulate(
-            objective, flow, lspsde.NoNoise(), jnp.full(8, 2.0), key=KEY, n_paths=1, n_steps=80
+            (objective, flow, lspsde.NoNoise()), jnp.full(8, 2.0), key=KEY, n_paths=1, n_steps=80
         )
         trace = energy_trace(CompositeEnergy.of(objective, flow), ens)  # Phi* not needed
         c_eta = float(prox_gradient_decrease(eta_L / L, L))
@@ -146,7 +146,7 @@ def test_coercivity_of_a_quadratic_plus_ball_indicator_is_mu_over_two():
     objective = models.Quadratic(mu * jnp.eye(3), a)
     flow = ProjectedGradient(0.2, Ball(0.0, 1.0))
     ens = lspsde.simulate(
-        objective, flow, lspsde.NoNoise(), jnp.array([2.0, 1.0, -1.0]), key=KEY, n_paths=1,
+        (objective, flow, lspsde.NoNoise()), jnp.array([2.0, 1.0, -1.0]), key=KEY, n_paths=1,
         n_steps=40,
     )  # fmt: skip
     res = coercivity(energy_trace(CompositeEnergy.of(objective, flow, minimizer=a), ens))
@@ -163,7 +163,7 @@ def test_coercivity_with_the_minimiser_on_the_sphere():
     objective = models.Quadratic(mu * jnp.eye(3), a)
     flow = ProjectedGradient(0.2, Ball(0.0, r))
     ens = lspsde.simulate(
-        objective, flow, lspsde.NoNoise(), jnp.array([0.6, 0.8, 0.0]), key=KEY, n_paths=1,
+        (objective, flow, lspsde.NoNoise()), jnp.array([0.6, 0.8, 0.0]), key=KEY, n_paths=1,
         n_steps=30,
     )  # fmt: skip
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ens.theta[0]), axis=1), r, rtol=1e-14)
@@ -351,7 +351,7 @@ def test_representation_energy_along_training_on_an_ensemble():
     x = jax.random.normal(jax.random.key(2), (6, 3))
     objective = lspsde.SupervisedLoss(net, x, jnp.zeros((6, 2)))
     ens = lspsde.simulate(
-        objective, lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.05), lspsde.parameters(net),
+        (objective, lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.05)), lspsde.parameters(net),
         key=KEY, n_paths=3, n_steps=5,
     )  # fmt: skip
     energy = RepresentationEnergy(net, x)
@@ -375,7 +375,7 @@ def _noisy_ball(threshold=1e8):
     objective = models.Quadratic(mu * jnp.eye(3), a)
     flow = ProjectedGradient(eta, Ball(jnp.array([2.0, 0.0, 0.0]), 1.0))
     ens = lspsde.simulate(
-        objective, flow, lspsde.IsotropicGaussian(sigma), a, key=KEY, n_paths=256, n_steps=40,
+        (objective, flow, lspsde.IsotropicGaussian(sigma)), a, key=KEY, n_paths=256, n_steps=40,
         divergence_threshold=threshold,
     )  # fmt: skip
     trace = energy_trace(CompositeEnergy.of(objective, flow, minimizer=a), ens)
@@ -444,7 +444,7 @@ def test_assumption_4_in_expectation_for_stochastic_projected_gradient():
 def _small():
     objective = models.Quadratic(jnp.eye(3), jnp.zeros(3))
     ens = lspsde.simulate(
-        objective, ProjectedGradient(0.1, Ball(0.0, 1.0)), lspsde.NoNoise(), jnp.ones(3) * 0.2,
+        (objective, ProjectedGradient(0.1, Ball(0.0, 1.0)), lspsde.NoNoise()), jnp.ones(3) * 0.2,
         key=KEY, n_paths=2, n_steps=3,
     )  # fmt: skip
     trace = energy_trace(CompositeEnergy(objective, Ball(0.0, 1.0), jnp.zeros(3)), ens)

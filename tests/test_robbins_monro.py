@@ -140,9 +140,11 @@ def test_monte_carlo_rate_constant(c, p):
     H = _rotated(lam, seed=1)
     objective = models.Quadratic(H, np.zeros(lam.size))
     ens = lspsde.simulate(
-        objective,
-        lspsde.SGD(lspsde.RobbinsMonro(c, t0, p)),
-        lspsde.IsotropicGaussian(math.sqrt(S0)),
+        (
+            objective,
+            lspsde.SGD(lspsde.RobbinsMonro(c, t0, p)),
+            lspsde.IsotropicGaussian(math.sqrt(S0)),
+        ),
         jnp.ones(lam.size),
         key=jax.random.key(7),
         n_paths=n_paths,

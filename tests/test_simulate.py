@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import lspsde
 from lspsde._simulate import CHUNK_BUDGET_BYTES, Ensemble, default_chunk_size, simulate
 import lspsde.noise
 from lspsde.noise import AbstractNoise, NoNoise
@@ -119,7 +120,7 @@ def test_gradient_descent_is_the_closed_form_on_every_path():
     star, theta0 = jax.random.normal(jax.random.key(1), (2, d))
     objective = Quadratic(H, star)
     kwargs = dict(key=jax.random.key(3), n_paths=3, n_steps=n_steps, save_every=every)
-    ens = simulate(objective, GradientDescent(eta), NoNoise(), theta0, **kwargs)
+    ens = simulate((objective, GradientDescent(eta), NoNoise()), theta0, **kwargs)
 
     steps = np.array([0, 7, 14, 21, 28, 35, 40])
     np.testing.assert_array_equal(ens.steps, steps)
@@ -135,7 +136,7 @@ def test_gradient_descent_is_the_closed_form_on_every_path():
     assert not ens.diverged.any() and (ens.divergence_step == -1).all()
 
     # Summary mode runs the same program minus the trajectory: identical numbers.
-    summ = simulate(objective, GradientDescent(eta), NoNoise(), theta0, save="summary", **kwargs)
+    summ = simulate((objective, GradientDescent(eta), NoNoise()), theta0, save="summary", **kwargs)
     assert summ.theta is None
     for f in ("final_theta", "energy", "loss", "divergence_step"):
         np.testing.assert_array_equal(getattr(summ, f), getattr(ens, f))
@@ -157,9 +158,7 @@ def test_mean_square_error_follows_the_exact_recursion(make_noise, sigma1):
     d, h, eta, s0, n_paths, n_steps, every = 10, 1.0, 0.1, 1.0, 4096, 100, 10
     objective = Quadratic(h * jnp.eye(d), jnp.ones(d))
     ens = simulate(
-        objective,
-        GradientDescent(eta),
-        make_noise(s0, sigma1),
+        (objective, GradientDescent(eta), make_noise(s0, sigma1)),
         jnp.zeros(d),
         key=jax.random.key(7),
         n_paths=n_paths,
@@ -193,7 +192,7 @@ def test_mean_square_error_follows_the_exact_recursion(make_noise, sigma1):
 def _noisy_problem():
     d = 6
     objective = Quadratic(_spd(jax.random.key(11), d, 0.2, 1.0), jnp.ones(d))
-    return objective, GradientDescent(0.5), Additive(1.0), jnp.zeros(d)
+    return (objective, GradientDescent(0.5), Additive(1.0)), jnp.zeros(d)
 
 
 def test_results_are_bit_for_bit_independent_of_chunking(capsys):
@@ -237,8 +236,8 @@ _SHARDED = textwrap.dedent(
         A = jax.random.normal(jax.random.key(5), (d, d))
         H = A @ A.T / d + jnp.eye(d)
         ens = simulate(
-            Quadratic(0.5 * (H + H.T), jnp.ones(d)), GradientDescent(0.2),
-            Additive(jnp.asarray(0.7)), jnp.zeros(d), key=jax.random.key(3),
+            (Quadratic(0.5 * (H + H.T), jnp.ones(d)), GradientDescent(0.2),
+            Additive(jnp.asarray(0.7))), jnp.zeros(d), key=jax.random.key(3),
             n_paths=7, n_steps=25, save_every=5, chunk_size=chunk_size,
         )
         return {f: np.asarray(getattr(ens, f)) for f in
@@ -308,9 +307,7 @@ def test_unstable_step_size_freezes_paths_at_the_exact_blow_up_step():
     t_div = int(np.argmax(np.linalg.norm(powers, axis=1) > threshold))
     assert t_div == 10
     ens = simulate(
-        Quadratic(H, jnp.zeros(2)),
-        GradientDescent(eta),
-        NoNoise(),
+        (Quadratic(H, jnp.zeros(2)), GradientDescent(eta), NoNoise()),
         jnp.ones(2),
         key=jax.random.key(0),
         n_paths=3,
@@ -331,9 +328,7 @@ def test_non_finite_values_are_caught_and_frozen():
     # theta^t = 1 - 0.3 t while the gradient is finite: theta^4 = -0.2, then G = NaN (log < 0),
     # so theta^5 would be NaN: divergence at t = 5, frozen at -0.2.
     ens = simulate(
-        LogBarrierLine(),
-        GradientDescent(0.3),
-        NoNoise(),
+        (LogBarrierLine(), GradientDescent(0.3), NoNoise()),
         jnp.ones(3),
         key=jax.random.key(0),
         n_paths=2,
@@ -354,9 +349,7 @@ def test_mixed_ensemble_reports_the_diverged_fraction_and_clean_statistics():
     # eta)^2) = 3, so a threshold of 4 is crossed by some paths and not others.
     d, threshold = 2, 4.0
     ens = simulate(
-        Quadratic(jnp.eye(d), jnp.zeros(d)),
-        GradientDescent(0.5),
-        Additive(3.0),
+        (Quadratic(jnp.eye(d), jnp.zeros(d)), GradientDescent(0.5), Additive(3.0)),
         jnp.zeros(d),
         key=jax.random.key(2),
         n_paths=256,
@@ -393,9 +386,7 @@ def test_summary_mode_keeps_no_trajectory_and_memory_is_bounded():
     n_paths, n_steps, d, every = 4096, 200, 100, 10
     objective = Quadratic(_spd(jax.random.key(4), d, 0.1, 1.0), jnp.ones(d))
     ens = simulate(  # exact gradients: the memory is the same with noise, the test faster
-        objective,
-        GradientDescent(1.0),
-        NoNoise(),
+        (objective, GradientDescent(1.0), NoNoise()),
         jnp.zeros(d),
         key=jax.random.key(0),
         n_paths=n_paths,
@@ -470,7 +461,7 @@ def test_bad_inputs_raise_before_compilation(change, error, match):
     for k, v in change.items():
         (args if k in args else kwargs)[k] = v
     with pytest.raises(error, match=match):
-        simulate(args["objective"], args["update"], args["noise"], args["theta0"], **kwargs)
+        simulate((args["objective"], args["update"], args["noise"]), args["theta0"], **kwargs)
     assert TRACES["loss"] == 0  # nothing was traced for compilation
 
 
@@ -480,9 +471,7 @@ def test_noise_model_check_is_called():
     # State-dependent noise needs theta*, which LogBarrierLine does not know.
     with pytest.raises(ValueError, match="minimi"):
         simulate(
-            LogBarrierLine(),
-            GradientDescent(0.1),
-            lspsde.noise.GaussianNoise(1.0, 0.5),
+            (LogBarrierLine(), GradientDescent(0.1), lspsde.noise.GaussianNoise(1.0, 0.5)),
             jnp.ones(2),
             key=jax.random.key(0),
             n_paths=2,
@@ -499,14 +488,12 @@ def test_new_hyperparameter_values_do_not_recompile():
     objective, theta0 = _counting(), jnp.zeros(3)
     common = dict(n_paths=8, n_steps=20, save_every=5)
     first = simulate(
-        objective, GradientDescent(0.1), Additive(0.5), theta0, key=jax.random.key(0), **common
+        (objective, GradientDescent(0.1), Additive(0.5)), theta0, key=jax.random.key(0), **common
     )
     traced = TRACES["loss"]
     assert traced > 0
     second = simulate(
-        objective,
-        GradientDescent(0.05),
-        Additive(1.0),
+        (objective, GradientDescent(0.05), Additive(1.0)),
         theta0,
         key=jax.random.key(1),
         divergence_threshold=1e6,
@@ -525,9 +512,7 @@ def test_to_datatree_with_pytree_parameters_round_trips_through_netcdf(tmp_path)
     centre = {"b": jnp.ones(3), "w": jnp.full((2, 3), 2.0)}
     theta0 = {"b": jnp.zeros(3), "w": jnp.zeros((2, 3))}
     ens = simulate(
-        Bowl(centre),
-        GradientDescent(0.5),
-        NoNoise(),
+        (Bowl(centre), GradientDescent(0.5), NoNoise()),
         theta0,
         key=jax.random.key(0),
         n_paths=4,
@@ -557,9 +542,7 @@ def test_to_datatree_with_pytree_parameters_round_trips_through_netcdf(tmp_path)
     assert back.attrs["save"] == "trajectory"
 
     summary = simulate(
-        Bowl(centre),
-        GradientDescent(0.5),
-        NoNoise(),
+        (Bowl(centre), GradientDescent(0.5), NoNoise()),
         theta0,
         key=jax.random.key(0),
         n_paths=4,
@@ -568,3 +551,33 @@ def test_to_datatree_with_pytree_parameters_round_trips_through_netcdf(tmp_path)
         save="summary",
     ).to_datatree()
     assert "trajectory" not in summary.children
+
+
+def test_one_way_to_pass_a_system():
+    """``simulate``, ``learning_profile`` and ``exponent_distribution`` take the system first, as
+    a tuple or a LearningSystem, with the same numbers; the objective alone is refused with the
+    fix."""
+    (objective, flow, noise), theta0 = _noisy_problem()
+    kw = dict(key=jax.random.key(0), n_steps=8)
+    system = lspsde.LearningSystem(objective, flow, noise)
+    a = simulate((objective, flow, noise), theta0, n_paths=4, **kw)
+    b = simulate(system, theta0, n_paths=4, **kw)
+    np.testing.assert_array_equal(a.theta, b.theta)
+    p1 = lspsde.learning_profile((objective, flow, noise), theta0, **kw)
+    p2 = lspsde.learning_profile(system, theta0, **kw)
+    np.testing.assert_array_equal(p1.sigma_theta, p2.sigma_theta)
+    d1 = lspsde.exponent_distribution((objective, flow, noise), theta0, n_paths=2, **kw)
+    d2 = lspsde.exponent_distribution(system, theta0, n_paths=2, **kw)
+    np.testing.assert_array_equal(d1.alpha_theta, d2.alpha_theta)
+    old_style = [
+        lambda: simulate(objective, flow, noise, theta0, n_paths=2, **kw),
+        lambda: simulate(objective, theta0, n_paths=2, **kw),
+        lambda: lspsde.learning_profile(objective, theta0, **kw),
+        lambda: lspsde.exponent_distribution(objective, theta0, n_paths=2, **kw),
+    ]
+    for call in old_style:
+        with pytest.raises(TypeError, match=r"takes the learning system first"):
+            call()
+    sweep = lspsde.Sweep.of(lspsde.SGD, [0.1, 0.2], name="eta")
+    with pytest.raises(TypeError, match="exponent_distribution"):
+        lspsde.learning_profile((objective, sweep, noise), theta0, **kw)

@@ -74,9 +74,7 @@ def test_rotating_teacher_mean_follows_the_exact_recursion():
     objective, theta0 = _student(jnp.zeros((D_OUT, D_IN)))
     eta, T = 0.05, 200
     ens = lspsde.simulate(
-        objective,
-        lspsde.SGD(eta),
-        StreamNoise(stream, batch_size=4),
+        (objective, lspsde.SGD(eta), StreamNoise(stream, batch_size=4)),
         theta0,
         key=jax.random.key(0),
         n_paths=2000,
@@ -109,9 +107,7 @@ def test_covariate_shift_mean_follows_the_exact_recursion():
     objective, theta0 = _student(jnp.asarray(theta_w0))
     eta, T = 0.1, 150
     ens = lspsde.simulate(
-        objective,
-        lspsde.SGD(eta),
-        StreamNoise(stream, batch_size=2),
+        (objective, lspsde.SGD(eta), StreamNoise(stream, batch_size=2)),
         theta0,
         key=jax.random.key(1),
         n_paths=2000,
@@ -121,9 +117,7 @@ def test_covariate_shift_mean_follows_the_exact_recursion():
     _check_mean(ens, exact, np.arange(0, T + 1, 10))
     # chunking never changes a path
     ens3 = lspsde.simulate(
-        objective,
-        lspsde.SGD(eta),
-        StreamNoise(stream, batch_size=2),
+        (objective, lspsde.SGD(eta), StreamNoise(stream, batch_size=2)),
         theta0,
         key=jax.random.key(1),
         n_paths=7,
@@ -179,10 +173,10 @@ def test_drift_beyond_the_horizon_is_refused_before_compiling():
     )
     kw = dict(key=jax.random.key(0), n_paths=2, n_steps=100)
     with pytest.raises(ValueError, match=r"step\(s\) \[500\].*horizon n_steps=100"):
-        lspsde.simulate(objective, lspsde.SGD(0.1), StreamNoise(late, 2), theta0, **kw)
+        lspsde.simulate((objective, lspsde.SGD(0.1), StreamNoise(late, 2)), theta0, **kw)
     schedule = DataStream(GaussianInputs(D_IN), LinearTeacher(W), Piecewise([0.1, 0.2], [100]))
     with pytest.raises(ValueError, match="at or past the horizon"):
-        lspsde.simulate(objective, lspsde.SGD(0.1), StreamNoise(schedule, 2), theta0, **kw)
+        lspsde.simulate((objective, lspsde.SGD(0.1), StreamNoise(schedule, 2)), theta0, **kw)
     system = lspsde.LearningSystem(objective, lspsde.SGD(0.1), StreamNoise(late, 2))
     with pytest.raises(ValueError, match="horizon"):
         lspsde.learning_profile(system, theta0, key=jax.random.key(0), n_steps=10)
@@ -224,9 +218,7 @@ def test_stream_needs_a_supervised_objective_of_the_right_shape():
     quad = Quadratic(jnp.eye(3), jnp.zeros(3))
     with pytest.raises(ValueError, match=r"StreamNoise needs an lspsde\.SupervisedLoss"):
         lspsde.simulate(
-            quad,
-            lspsde.SGD(0.1),
-            StreamNoise(stream, 2),
+            (quad, lspsde.SGD(0.1), StreamNoise(stream, 2)),
             jnp.zeros(3),
             key=jax.random.key(0),
             n_paths=1,
@@ -236,9 +228,7 @@ def test_stream_needs_a_supervised_objective_of_the_right_shape():
     other = DataStream(GaussianInputs(D_IN), LinearTeacher(np.ones((3, D_IN))))
     with pytest.raises(ValueError, match="dimensions"):
         lspsde.simulate(
-            objective,
-            lspsde.SGD(0.1),
-            StreamNoise(other, 2),
+            (objective, lspsde.SGD(0.1), StreamNoise(other, 2)),
             theta0,
             key=jax.random.key(0),
             n_paths=1,

@@ -35,8 +35,8 @@ class SGDLimit(AbstractContinuousLimit):
     Gaussian models, the covariance over the whole data set for ``MinibatchNoise`` and
     ``CurvatureNoise``, the Gaussian of equal covariance for ``StudentTNoise`` with $\nu > 2$).
     ``order=2`` adds the drift correction $-\frac\eta2\nabla^2\mathcal{L}\,\nabla\mathcal{L}$.
-    Use it wherever ``lspsde.SGD`` is used: ``simulate(objective, SGDLimit(0.1), noise, ...)``
-    saves $\Theta$ at $t = k\eta$, beside step $k$ of ``simulate(objective, SGD(0.1), noise,
+    Use it wherever ``lspsde.SGD`` is used: ``simulate((objective, SGDLimit(0.1), noise), ...)``
+    saves $\Theta$ at $t = k\eta$, beside step $k$ of ``simulate((objective, SGD(0.1), noise),
     ...)``; with the same key and a noise model with ``gaussian_draws`` the two are driven by
     the same Brownian path (see the module docstring).
 

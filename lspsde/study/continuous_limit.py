@@ -192,11 +192,11 @@ def run(cfg: ContinuousLimit, key, progress: bool) -> xr.Dataset:
             note = "infinite noise variance: E f(theta) is infinite, no order is fitted; "
         # Each flow's eta grid is one compiled program, common random numbers across eta.
         sweep = lambda flow: Sweep.of(flow, etas, name="eta")
-        sgd_grid = simulate(objective, sweep(SGD), noise, theta0, **sim)
-        gf_grid = simulate(objective, sweep(GradientFlow), NoNoise(), theta0,
+        sgd_grid = simulate((objective, sweep(SGD), noise), theta0, **sim)
+        gf_grid = simulate((objective, sweep(GradientFlow), NoNoise()), theta0,
                            **{**sim, "n_paths": 1})  # fmt: skip
         try:
-            sde_grid = simulate(objective, sweep(SGDLimit), noise, theta0, **sim)
+            sde_grid = simulate((objective, sweep(SGDLimit), noise), theta0, **sim)
         except ValueError as err:  # no covariance: the diffusion limit does not exist
             no_limit, sde_grid = str(err).split(", so")[0], None
         for j, k in enumerate(ks):

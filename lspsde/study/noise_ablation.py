@@ -224,9 +224,7 @@ def run(cfg: NoiseAblation, key, progress: bool) -> xr.Dataset:
         a1 = noise.assumption1(objective)
         s0, s1 = (float(a1.sigma0), float(a1.sigma1)) if a1.holds else (np.nan, np.nan)
         ens = simulate(
-            objective,
-            SGD(eta),
-            noise,
+            (objective, SGD(eta), noise),
             theta0,
             key=k_sim,
             n_paths=cfg.n_paths,

@@ -231,7 +231,7 @@ def _lasso(cfg: Nonsmooth, key) -> dict:
     theta0 = jnp.full(d, 2.0)
     flows = lambda e: ns.ProximalGradient(e, ns.L1(lam))
     sweep = Sweep.of(flows, etas, name="step_size")
-    ens = simulate(objective, sweep, NoNoise(), theta0, key=key, n_paths=1, n_steps=T)
+    ens = simulate((objective, sweep, NoNoise()), theta0, key=key, n_paths=1, n_steps=T)
     G = etas.size
     out = {
         name: np.zeros(shape, dtype)
@@ -368,9 +368,7 @@ def _ball(cfg: Nonsmooth, key) -> dict:
     flows = lambda e: ns.ProjectedGradient(e, ball)
     T = cfg.ball_steps
     ens = simulate(
-        objective,
-        Sweep.of(flows, etas, name="step_size"),
-        noise,
+        (objective, Sweep.of(flows, etas, name="step_size"), noise),
         start,
         key=key,
         n_paths=cfg.n_paths,

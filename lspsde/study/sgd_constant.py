@@ -176,9 +176,7 @@ def run(cfg: SGDConstant, key, progress: bool) -> xr.Dataset:
 
     # The whole eta grid is one compiled program, with common random numbers across eta.
     grid = simulate(
-        objective,
-        Sweep.of(SGD, etas, name="eta"),
-        noise,
+        (objective, Sweep.of(SGD, etas, name="eta"), noise),
         jnp.asarray(theta0),
         key=k_sim,
         n_paths=cfg.n_paths,

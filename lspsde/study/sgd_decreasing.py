@@ -98,9 +98,11 @@ def run(cfg: SGDDecreasing, key, progress: bool) -> xr.Dataset:
     # models): the (c mu, p) grid of schedules is a sweep with common random numbers.
     runs = {
         s: simulate(
-            objective,
-            Sweep([SGD(RobbinsMonro(c_mus[a] / cfg.mu, cfg.t0, ps[b])) for a, b in schedules]),
-            GaussianNoise(cfg.sigma0, float(s1s[s])),
+            (
+                objective,
+                Sweep([SGD(RobbinsMonro(c_mus[a] / cfg.mu, cfg.t0, ps[b])) for a, b in schedules]),
+                GaussianNoise(cfg.sigma0, float(s1s[s])),
+            ),
             jnp.asarray(theta0),
             key=k_sim,
             n_paths=cfg.n_paths,
