@@ -322,16 +322,17 @@ class MemoryPlan(NamedTuple):
     fixes: str
 
     def check(self, n_paths: int, limit: int | None = None) -> None:
-        """Refuse a request whose result, or whose smallest chunk (two paths per device), cannot
-        fit in ``limit`` bytes (default: [`available_memory`][])."""
+        """Refuse a request whose result, or whose smallest chunk (one path, padded to
+        [`padded_size`][]: 16 paths on one device), cannot fit in ``limit`` bytes (default:
+        [`available_memory`][])."""
         limit = available_memory() if limit is None else limit
         result = self.result_per_path * n_paths
-        smallest = self.work_per_path * 2  # two paths on each device at the least
+        smallest = self.work_per_path * padded_size(1)
         if result > limit or smallest > limit:
             size, part = (
                 (result, f"the result ({self.what}) alone")
                 if result > limit
-                else (smallest, "the smallest chunk's working set")
+                else (smallest, f"the smallest chunk's working set ({padded_size(1)} paths)")
             )
             raise MemoryError(
                 f"This run needs {_format_bytes(size)} for {part}, more than the "
@@ -339,10 +340,26 @@ class MemoryPlan(NamedTuple):
             )
 
     def chunk_size(self, n_paths: int, budget: int = CHUNK_BUDGET_BYTES) -> int:
-        """All paths if their working set fits ``budget``, else the fewest (nearly) equal
-        chunks that each fit (one path per chunk at the least)."""
-        largest = max(1, budget // max(self.work_per_path, 1))
+        """All paths if their padded working set fits ``budget``, else the fewest (nearly)
+        equal chunks whose padded size ([`padded_size`][]) fits (one path per chunk at the
+        least)."""
+        block = chunk_block()
+        fits = budget // max(self.work_per_path, 1)  # paths, padding included
+        largest = max(1, (fits // block - 1) * block)
         return math.ceil(n_paths / math.ceil(n_paths / largest))  # balanced: none > largest
+
+
+def chunk_block() -> int:
+    """Chunks are padded in blocks of ``lcm(2 * local devices, TAIL_PATHS)`` paths (see
+    [`run_ensemble`][])."""
+    return math.lcm(2 * len(jax.local_devices()), TAIL_PATHS)
+
+
+def padded_size(chunk_size: int) -> int:
+    """The paths a chunk of ``chunk_size`` computes: a multiple of [`chunk_block`][] and one
+    more block, so that no real path falls in a vectorised kernel's remainder loop."""
+    block = chunk_block()
+    return math.ceil(chunk_size / block) * block + block
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,9 +528,7 @@ def run_ensemble(
     if exe is not None and exe.chunk_size is not None:
         chunk_size = min(chunk_size, exe.chunk_size)
     chunk_size = min(chunk_size, n_paths)
-    width = 2 * len(jax.local_devices())
-    block = math.lcm(width, TAIL_PATHS)
-    padded = math.ceil(chunk_size / block) * block + block
+    padded = padded_size(chunk_size)
     field, swept, batch_size = sweep if sweep is not None else (None, None, None)
     axis = 0 if sweep is None else 1  # the path axis of every output
     starts = range(0, n_paths, chunk_size)

@@ -413,8 +413,9 @@ def simulate(
     if unexpected:
         raise TypeError(
             f"`simulate` takes two positional arguments, the system and theta0, got "
-            f"{2 + len(unexpected)}: `simulate` takes the learning system first, "
-            "`simulate((objective, update, noise), theta0, key=..., n_paths=..., n_steps=...)`."
+            f"{2 + len(unexpected)}. If you passed the objective, update and noise apart: it "
+            "takes the learning system first, `simulate((objective, update, noise), theta0, "
+            "key=..., n_paths=..., n_steps=...)`; pass everything after theta0 by keyword."
         )
     system, batched, sweep = as_system(system, "simulate")  # checks the three types
     run = check_run(

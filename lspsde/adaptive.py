@@ -93,11 +93,13 @@ def _is_number(value: Any) -> bool:
     """A number or a numeric array (a hyperparameter to hold as an array field)."""
     if isinstance(value, bool):
         return False
-    if isinstance(value, int | float | complex):
+    if isinstance(value, int):
+        return False  # an integer (a count, a size) stays a static Python int
+    if isinstance(value, float | complex):
         return True  # complex: refused by the real-number check
     dtype = getattr(value, "dtype", None)
     return isinstance(value, jax.Array | np.ndarray | np.number) and (
-        np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.bool_)
+        np.issubdtype(dtype, np.inexact)
     )
 
 
@@ -115,10 +117,18 @@ class Optax(AbstractStatefulFlow):
       (``lspsde.Sweep.of(lambda lr: Optax(optax.adam, learning_rate=lr), lrs)``: one compiled
       program) and are checked before anything compiles (``learning_rate > 0``; ``b1``, ``b2``,
       ``decay``, ``momentum`` in $[0, 1)$; ``eps``, ``eps_root``, ``weight_decay`` $\ge 0$);
-      the others (``nesterov=True``, a schedule) are static.
+      integers, booleans and the rest (``nesterov=True``, a schedule) are static.
 
     optax counts its own steps in its state; ``simulate`` starts it at $t = 0$, so a schedule's
     step is the training step. The wrapped step equals optax's, step for step (tested).
+
+    **What the profile differentiates.** $\sigma^\theta$ and $\alpha_\theta$ are norms of
+    the Jacobian of the step with respect to every floating leaf of the state. Optimisers that
+    keep constants or bookkeeping as floating state (``optax.inject_hyperparams`` keeps the
+    learning rate in the state; ``reduce_on_plateau``, ``MultiSteps`` accumulate) then get
+    extra rows and columns in that Jacobian (an injected constant contributes an identity
+    block, and its coupling to $\theta$): use the factory form above to sweep hyperparameters
+    instead, so that they are fields, not state.
     """
 
     factory: Callable | None = eqx.field(static=True)

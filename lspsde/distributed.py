@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -105,11 +106,56 @@ def _from_host(tree: Any) -> Any:
     return jax.tree.map(device, tree, is_leaf=lambda x: isinstance(x, _HostKey))
 
 
-def _fingerprint(obj: Any, h: "hashlib._Hash", seen: set[int]) -> None:
+def _digest(obj: Any, seen: frozenset[int]) -> bytes:
+    """The fingerprint of ``obj`` alone, as bytes (to sort the elements of a set by)."""
+    h = hashlib.sha256()
+    _fingerprint(obj, h, seen)
+    return h.digest()
+
+
+def _code(code: types.CodeType, h: "hashlib._Hash", seen: frozenset[int]) -> None:
+    """A code object: its bytecode, the names it reads (globals, attributes), its variables and
+    its constants, nested code objects (lambdas, comprehensions) included."""
+    h.update(b"code:")
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars)).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _code(c, h, seen)
+        else:
+            _fingerprint(c, h, seen)
+
+
+_CLASS_DIGESTS: dict[type, bytes] = {}
+
+
+def _class(cls: type, h: "hashlib._Hash") -> None:
+    """A class by its name and the code of every function its own classes define (its MRO up
+    to the library bases): editing a user objective's ``loss`` changes its pieces' keys."""
+    if cls not in _CLASS_DIGESTS:
+        ch = hashlib.sha256(f"type:{cls.__module__}.{cls.__qualname__};".encode())
+        for klass in cls.__mro__:
+            if klass.__module__.split(".")[0] in ("builtins", "equinox", "abc", "typing"):
+                continue
+            for name in sorted(vars(klass)):
+                attr = inspect.getattr_static(klass, name)
+                fn = getattr(attr, "__func__", attr)  # staticmethod, classmethod
+                if isinstance(fn, property):
+                    fn = fn.fget
+                if isinstance(fn, types.FunctionType):
+                    ch.update(f"{klass.__qualname__}.{name}:".encode())
+                    _code(fn.__code__, ch, frozenset())
+        _CLASS_DIGESTS[cls] = ch.digest()
+    h.update(_CLASS_DIGESTS[cls])
+
+
+def _fingerprint(obj: Any, h: "hashlib._Hash", seen: frozenset[int] = frozenset()) -> None:
     """Feed a deterministic description of ``obj`` (a static part of a pytree) to ``h``:
-    functions by module, name, code and closure (so two closures with different captured values
-    differ), modules and dataclasses by type and fields, containers by their items; nothing
-    depends on memory addresses."""
+    functions by module, name, code (bytecode, names, constants, nested code), closure and
+    defaults; wrappers by their own closure and what they wrap; modules and dataclasses by their
+    class (and its methods' code) and fields; containers by their items (sets by their sorted
+    element digests); other objects by their class and ``vars``. Nothing depends on memory
+    addresses or on ``PYTHONHASHSEED``."""
     if isinstance(obj, str | bytes | int | float | complex | bool | type(None)):
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
         return
@@ -123,32 +169,36 @@ def _fingerprint(obj: Any, h: "hashlib._Hash", seen: set[int]) -> None:
         h.update(a.tobytes())
         return
     if isinstance(obj, type):
-        h.update(f"type:{obj.__module__}.{obj.__qualname__};".encode())
+        _class(obj, h)
         return
-    wrapped = getattr(obj, "__wrapped__", None)
-    if wrapped is not None and wrapped is not obj:  # jit / beartype / functools.wraps
-        h.update(b"wraps:")
-        _fingerprint(wrapped, h, seen)
+    if isinstance(obj, set | frozenset):
+        h.update(f"{type(obj).__name__}[{len(obj)}]:".encode())
+        for d in sorted(_digest(x, seen) for x in obj):
+            h.update(d)
         return
     if isinstance(obj, types.FunctionType):
-        code = obj.__code__
         h.update(f"fn:{obj.__module__}.{obj.__qualname__}:".encode())
-        h.update(code.co_code)
-        _fingerprint(tuple(c for c in code.co_consts if not isinstance(c, types.CodeType)), h, seen)
+        _code(obj.__code__, h, seen)
         for cell in obj.__closure__ or ():
             try:
                 _fingerprint(cell.cell_contents, h, seen)
             except ValueError:  # an empty cell
                 h.update(b"<empty>;")
         _fingerprint(obj.__defaults__, h, seen)
+        _fingerprint(obj.__kwdefaults__, h, seen)
+        wrapped = getattr(obj, "__wrapped__", None)  # functools.wraps: the wrapper and its target
+        if wrapped is not None and wrapped is not obj:
+            h.update(b"wraps:")
+            _fingerprint(wrapped, h, seen)
         return
-    if isinstance(obj, types.BuiltinFunctionType | types.MethodType | functools.partial):
-        if isinstance(obj, functools.partial):
-            _fingerprint((obj.func, obj.args, sorted(obj.keywords.items())), h, seen)
-        elif isinstance(obj, types.MethodType):
-            _fingerprint((obj.__func__, obj.__self__), h, seen)
-        else:
-            h.update(f"builtin:{getattr(obj, '__module__', '')}.{obj.__qualname__};".encode())
+    if isinstance(obj, functools.partial):
+        _fingerprint((obj.func, obj.args, obj.keywords), h, seen)
+        return
+    if isinstance(obj, types.MethodType):
+        _fingerprint((obj.__func__, obj.__self__), h, seen)
+        return
+    if isinstance(obj, types.BuiltinFunctionType | types.ModuleType):
+        h.update(f"builtin:{getattr(obj, '__module__', '')}.{obj.__name__};".encode())
         return
     if isinstance(obj, tuple | list):
         h.update(f"{type(obj).__qualname__}[{len(obj)}]:".encode())
@@ -157,21 +207,31 @@ def _fingerprint(obj: Any, h: "hashlib._Hash", seen: set[int]) -> None:
         return
     if isinstance(obj, dict):
         h.update(f"dict[{len(obj)}]:".encode())
-        for k in sorted(obj, key=repr):
+        for k, v in sorted(obj.items(), key=lambda kv: _digest(kv[0], seen)):
             _fingerprint(k, h, seen)
-            _fingerprint(obj[k], h, seen)
-        return
-    if dataclasses.is_dataclass(obj):  # equinox modules are dataclasses
-        h.update(f"{type(obj).__module__}.{type(obj).__qualname__}(".encode())
-        for f in dataclasses.fields(obj):
-            h.update(f"{f.name}=".encode())
-            _fingerprint(getattr(obj, f.name, None), h, seen)
-        h.update(b");")
+            _fingerprint(v, h, seen)
         return
     if isinstance(obj, jax.tree_util.PyTreeDef):
         h.update(re.sub(r"0x[0-9a-f]+", "0x", str(obj)).encode())
         return
-    h.update(f"{type(obj).__module__}.{type(obj).__qualname__}:".encode())
+    _class(type(obj), h)
+    if dataclasses.is_dataclass(obj):  # equinox modules are dataclasses
+        for f in dataclasses.fields(obj):
+            h.update(f"{f.name}=".encode())
+            _fingerprint(getattr(obj, f.name, None), h, seen)
+        return
+    wrapped = getattr(obj, "__wrapped__", None)  # jit wrappers, custom_jvp, ...
+    if wrapped is not None and wrapped is not obj:
+        h.update(b"wraps:")
+        _fingerprint(wrapped, h, seen)
+    state = getattr(obj, "__dict__", None)
+    if state is not None:
+        _fingerprint(dict(state), h, seen)
+        return
+    slots = [n for k in type(obj).__mro__ for n in getattr(k, "__slots__", ())]
+    if slots:
+        _fingerprint({n: getattr(obj, n, None) for n in slots}, h, seen)
+        return
     h.update(re.sub(r"0x[0-9a-f]+", "0x", repr(obj)).encode())
 
 
@@ -181,16 +241,31 @@ def piece_key(*parts: Any) -> str:
     from . import __version__
 
     h = hashlib.sha256(f"{_FORMAT}|lspsde {__version__}|jax {jax.__version__}".encode())
+    # what else decides the bits: the backend and its device count, and JAX's numerics settings
+    config = [
+        jax.default_backend(),
+        len(jax.local_devices()),
+        str(jnp.result_type(float)),
+        *(
+            str(getattr(jax.config, name, None))
+            for name in (
+                "jax_threefry_partitionable",
+                "jax_default_prng_impl",
+                "jax_default_matmul_precision",
+            )
+        ),
+    ]
+    h.update(repr(config).encode())
     host = _to_host(parts)
     leaves, treedef = jax.tree.flatten(host, is_leaf=lambda x: isinstance(x, _HostKey))
     for leaf in leaves:
         if isinstance(leaf, _HostKey):
             h.update(leaf.impl.encode())
             leaf = leaf.data
-        _fingerprint(leaf, h, set())
-    _fingerprint(treedef, h, set())
+        _fingerprint(leaf, h)
+    _fingerprint(treedef, h)
     arrays = lambda x: isinstance(x, np.ndarray | np.generic | _HostKey)
-    _fingerprint(jax.tree.map(lambda x: None if arrays(x) else x, host, is_leaf=arrays), h, set())
+    _fingerprint(jax.tree.map(lambda x: None if arrays(x) else x, host, is_leaf=arrays), h)
     return h.hexdigest()
 
 
@@ -213,7 +288,7 @@ class PieceStore:
     dataset ``leaf_<i>``) with its key and a checksum of its data in the attributes."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # workers elsewhere need the absolute path
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(
                 f"The piece store {self.path} is a file; give a directory (it is created)."
@@ -230,7 +305,9 @@ class PieceStore:
         final = self.file(key)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
-            with h5py.File(tmp, "w") as f:
+            # no HDF5 file locking: many shared filesystems (NFS, Lustre) refuse it, and a piece
+            # is written once, to a unique temporary, and moved into place atomically
+            with h5py.File(tmp, "w", locking=False) as f:
                 for i, leaf in enumerate(leaves):
                     f.create_dataset(f"leaf_{i:05d}", data=np.asarray(leaf))
                 f.attrs.update(
@@ -250,7 +327,7 @@ class PieceStore:
         if not path.exists():
             return None
         try:
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:
                 attrs = dict(f.attrs)
                 n = int(attrs["n_leaves"])
                 leaves = [np.asarray(f[f"leaf_{i:05d}"]) for i in range(n)]
@@ -382,6 +459,13 @@ def connect(workers: int | None = None, scheduler: str | None = None, *, timeout
             "the scheduler is running and reachable from this machine."
         ) from None
     with client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except Exception:
+            raise ClusterError(
+                f"The dask scheduler at {scheduler!r} has no workers (none joined within "
+                f"{timeout:g} s): start some with `dask worker {scheduler}`."
+            ) from None
         yield client
 
 
@@ -395,7 +479,9 @@ def path_ids(start: int, padded: int) -> jax.Array:
     local devices when there are several (the tail beyond the valid paths is padding)."""
     ids = jnp.arange(start, start + padded)
     devices = jax.local_devices()
-    if len(devices) > 1 and not isinstance(ids, jax.core.Tracer):
+    # (a worker may have another device count than the driver that sized the chunk: shard only
+    # when the chunk divides evenly; the bits do not depend on the sharding)
+    if len(devices) > 1 and padded % len(devices) == 0:
         mesh = jax.sharding.Mesh(np.asarray(devices), ("path",))
         ids = jax.device_put(
             ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("path"))
@@ -490,21 +576,28 @@ def run_pieces(
                 x64,
                 run_chunk_ref,
                 dataclasses.replace(pieces[i], fixed=_to_host(pieces[i].fixed)),
-                key=f"lspsde-piece-{keys[i][0]}",
+                key="lspsde-piece-"
+                + hashlib.sha256(f"{exe.store.path}|{keys[i][0]}".encode()).hexdigest(),
                 pure=False,
                 retries=3,
             ): i
             for i in missing
         }
         for future in as_completed(futures):
-            future.result()  # re-raises a task's error here
             i = futures[future]
+            try:
+                future.result()  # re-raises a task's error (or KilledWorker) here
+            except Exception as err:
+                raise ClusterError(
+                    f"A piece failed on the dask cluster ({type(err).__name__}: {err}); the "
+                    f"pieces already in {exe.store.path} are kept, and rerunning resumes."
+                ) from err
             results[i] = loaded(i)
             if results[i] is None:
-                raise RuntimeError(
+                raise ClusterError(
                     f"A worker reported piece {keys[i][0]} written, but the store "
-                    f"{exe.store.path} does not hold it intact: is the store a directory every "
-                    "worker and this process share?"
+                    f"{exe.store.path} does not hold it intact: the output directory must be on "
+                    "storage every worker and this process share (a shared filesystem)."
                 )
             progress()
         return results

@@ -162,3 +162,74 @@ def test_a_sweep_is_one_piece_per_chunk(problem, tmp_path):
     with distributed.execution(tmp_path):
         lspsde.simulate((obj, sweep, noise), theta0, **kw)
     assert len(distributed.PieceStore(tmp_path)) == 1  # all paths in one chunk, the whole grid
+
+
+def test_piece_keys_tell_different_computations_apart(monkeypatch):
+    """Two computations that differ only in code get different keys; the same one gets the
+    same key whatever PYTHONHASHSEED (a set literal inside a function)."""
+    import subprocess
+    import sys
+
+    key = lambda *parts: distributed.piece_key("lspsde._ensemble:_run_chunk", parts)
+
+    def sin(x):
+        return jnp.sin(x)
+
+    def cos(x):
+        return jnp.cos(x)
+
+    def outer(p):
+        return lambda y: y**p
+
+    def kw(x, *, s=2.0):
+        return s * x
+
+    def kw3(x, *, s=3.0):
+        return s * x
+
+    class Scaler:
+        def __init__(self, s):
+            self.s = s
+
+    assert key(sin) != key(cos)  # names the code reads (co_names)
+    assert key(lambda y: y**2) != key(lambda y: y**3)
+    assert key(outer(2)) != key(outer(3))  # closures
+    assert key(kw) != key(kw3)  # keyword-only defaults
+    assert key(Scaler(2.0)) != key(Scaler(3.0))  # plain objects by their state
+    assert key(sin) == key(sin)
+    script = (
+        "import lspsde.distributed as d\n"
+        "def f(k):\n    return k in {'relu', 'gelu', 'tanh', 'elu', 'selu'}\n"
+        "print(d.piece_key('m:f', (f, {'a', 'b', 'c'})))\n"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(keys) == 1, keys
+
+
+def test_stored_runs_of_different_losses_do_not_share_pieces(tmp_path):
+    from lspsde.objectives import SupervisedLoss, parameters
+
+    net = lspsde.Feedforward([jnp.eye(2)], activation="identity")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 2)))
+    losses = [
+        lambda p, y: jnp.sum(jnp.square(p - y)),
+        lambda p, y: jnp.sum(jnp.abs(p - y)),
+    ]
+    kw = dict(key=jax.random.key(0), n_paths=2, n_steps=5, save="summary")
+    for loss in losses:
+        obj = SupervisedLoss(net, x, jnp.zeros((8, 2)), loss_fn=loss)
+        system = (obj, lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.1))
+        plain = lspsde.simulate(system, parameters(net), **kw)
+        with distributed.execution(tmp_path):
+            stored = lspsde.simulate(system, parameters(net), **kw)
+        _same(stored, plain)
+    assert len(distributed.PieceStore(tmp_path)) == 2

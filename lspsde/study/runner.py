@@ -65,7 +65,7 @@ import xarray as xr
 
 from .. import __version__, distributed
 from .._checks import check_positive_int
-from .._ensemble import saved_steps
+from .._ensemble import padded_size, saved_steps
 from .._simulate import memory_plan
 from ..distributed import Execution
 from . import Check, Experiment, registry
@@ -387,7 +387,7 @@ def plan_study(config: StudyConfig) -> list[ExperimentPlan]:
             n_saved = len(saved_steps(sizes["n_steps"], sizes.get("save_every", 1)))
             plan = memory_plan(n_params=sizes["dim"], n_saved=n_saved, itemsize=8, keep=False)
             result = plan.result_per_path * sizes["n_paths"]
-            work = plan.work_per_path * plan.chunk_size(sizes["n_paths"])
+            work = plan.work_per_path * padded_size(plan.chunk_size(sizes["n_paths"]))
         plans.append(ExperimentPlan(name, grid, sizes, result, work))
     return plans
 
