@@ -56,7 +56,7 @@ import numpy as np
 
 __all__ = ["ClusterError", "Execution", "PieceStore", "connect", "current", "execution"]
 
-_FORMAT = "lspsde-piece-1"
+_FORMAT = "lspsde-piece-2"
 _log = logging.getLogger("lspsde.distributed")
 
 
@@ -71,6 +71,14 @@ class ClusterError(RuntimeError):
 
 def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostWeak:
+    """A weakly typed JAX scalar on the host (``jnp.asarray(0.5)``): its value, so that the
+    receiving process rebuilds it weakly typed and promotes it as the driver did."""
+
+    value: bool | int | float | complex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +97,8 @@ def _to_host(tree: Any) -> Any:
         if _is_key(x):
             return _HostKey(str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)))
         if isinstance(x, jax.Array):
+            if getattr(x, "weak_type", False) and x.ndim == 0:
+                return _HostWeak(x.item())
             return np.asarray(x)
         return x
 
@@ -99,11 +109,14 @@ def _from_host(tree: Any) -> Any:
     def device(x):
         if isinstance(x, _HostKey):
             return jax.random.wrap_key_data(jnp.asarray(x.data), impl=x.impl)
+        if isinstance(x, _HostWeak):
+            return jnp.asarray(x.value)  # a Python scalar: weakly typed again
         if isinstance(x, np.ndarray):
             return jnp.asarray(x)
         return x
 
-    return jax.tree.map(device, tree, is_leaf=lambda x: isinstance(x, _HostKey))
+    host_leaf = lambda x: isinstance(x, _HostKey | _HostWeak)
+    return jax.tree.map(device, tree, is_leaf=host_leaf)
 
 
 def _digest(obj: Any, seen: frozenset[int]) -> bytes:
@@ -257,14 +270,14 @@ def piece_key(*parts: Any) -> str:
     ]
     h.update(repr(config).encode())
     host = _to_host(parts)
-    leaves, treedef = jax.tree.flatten(host, is_leaf=lambda x: isinstance(x, _HostKey))
+    leaves, treedef = jax.tree.flatten(host, is_leaf=lambda x: isinstance(x, _HostKey | _HostWeak))
     for leaf in leaves:
         if isinstance(leaf, _HostKey):
             h.update(leaf.impl.encode())
             leaf = leaf.data
         _fingerprint(leaf, h)
     _fingerprint(treedef, h)
-    arrays = lambda x: isinstance(x, np.ndarray | np.generic | _HostKey)
+    arrays = lambda x: isinstance(x, np.ndarray | np.generic | _HostKey | _HostWeak)
     _fingerprint(jax.tree.map(lambda x: None if arrays(x) else x, host, is_leaf=arrays), h)
     return h.hexdigest()
 
@@ -309,7 +322,9 @@ class PieceStore:
             # is written once, to a unique temporary, and moved into place atomically
             with h5py.File(tmp, "w", locking=False) as f:
                 for i, leaf in enumerate(leaves):
-                    f.create_dataset(f"leaf_{i:05d}", data=np.asarray(leaf))
+                    a = np.ascontiguousarray(leaf)  # raw bytes: every dtype (bfloat16 too)
+                    d = f.create_dataset(f"leaf_{i:05d}", data=a.reshape(-1).view(np.uint8))
+                    d.attrs.update(dtype=a.dtype.name, shape=list(a.shape))
                 f.attrs.update(
                     format=_FORMAT, key=key, n_leaves=len(leaves), checksum=_checksum(leaves)
                 )
@@ -330,7 +345,12 @@ class PieceStore:
             with h5py.File(path, "r", locking=False) as f:
                 attrs = dict(f.attrs)
                 n = int(attrs["n_leaves"])
-                leaves = [np.asarray(f[f"leaf_{i:05d}"]) for i in range(n)]
+                leaves = []
+                for i in range(n):
+                    d = f[f"leaf_{i:05d}"]
+                    raw = np.asarray(d).tobytes()
+                    dtype, shape = np.dtype(str(d.attrs["dtype"])), tuple(d.attrs["shape"])
+                    leaves.append(np.frombuffer(raw, dtype=dtype).reshape(shape).copy())
             why = None
             if attrs.get("format") != _FORMAT or attrs.get("key") != key:
                 why = "it is not this piece"
@@ -513,13 +533,17 @@ def _resolve(ref: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _piece_task(store_path: str, key: str, x64: bool, run_chunk: str, piece: Piece) -> str:
+def _piece_task(
+    store_path: str, key: str, x64: bool, run_chunk: str, fixed: list, piece: Piece
+) -> str:
     """A dask task: compute one piece with the driver's precision and write it to the store.
     ``run_chunk`` is a reference ``"module:name"``: the worker imports it (a jitted function
-    does not pickle by value)."""
+    does not pickle by value). ``fixed`` is the host copy of the piece's fixed arguments, in a
+    one-element list so that dask hands over the scattered data (sent once per run, not once
+    per task)."""
     run_chunk = _resolve(run_chunk)
     with jax.enable_x64(x64):
-        piece = dataclasses.replace(piece, fixed=_from_host(piece.fixed))
+        piece = dataclasses.replace(piece, fixed=_from_host(fixed[0]))
         leaves = [np.asarray(a) for a in jax.tree.leaves(piece.compute(run_chunk))]
     PieceStore(store_path).save(key, leaves)
     return key
@@ -568,6 +592,11 @@ def run_pieces(
         from distributed import as_completed
 
         x64 = jnp.result_type(float) == jnp.float64  # the precision in force here
+        scattered = {}  # one copy of each distinct fixed tuple (the system, its data) per run
+        for i in missing:
+            if id(pieces[i].fixed) not in scattered:
+                host = _to_host(pieces[i].fixed)
+                scattered[id(pieces[i].fixed)] = exe.client.scatter(host, broadcast=True)
         futures = {
             exe.client.submit(
                 _piece_task,
@@ -575,7 +604,8 @@ def run_pieces(
                 keys[i][0],
                 x64,
                 run_chunk_ref,
-                dataclasses.replace(pieces[i], fixed=_to_host(pieces[i].fixed)),
+                [scattered[id(pieces[i].fixed)]],
+                dataclasses.replace(pieces[i], fixed=()),
                 key="lspsde-piece-"
                 + hashlib.sha256(f"{exe.store.path}|{keys[i][0]}".encode()).hexdigest(),
                 pure=False,

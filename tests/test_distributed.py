@@ -233,3 +233,25 @@ def test_stored_runs_of_different_losses_do_not_share_pieces(tmp_path):
             stored = lspsde.simulate(system, parameters(net), **kw)
         _same(stored, plain)
     assert len(distributed.PieceStore(tmp_path)) == 2
+
+
+def test_pieces_round_trip_every_dtype_and_weak_scalars(tmp_path):
+    store = distributed.PieceStore(tmp_path)
+    leaves = [
+        np.arange(6, dtype=jnp.bfloat16).reshape(2, 3),
+        np.array([True, False]),
+        np.arange(3, dtype=np.int32),
+        np.linspace(0, 1, 4),
+    ]
+    store.save("k", leaves)
+    like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+    back = store.load("k", like)
+    for a, b in zip(leaves, back, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # a weakly typed scalar crosses to a worker weakly typed (it promotes as on the driver)
+    tree = {"w": jnp.asarray(0.5), "s": jnp.asarray(0.5, dtype=jnp.float32)}
+    again = distributed._from_host(distributed._to_host(tree))
+    assert again["w"].weak_type and not again["s"].weak_type
+    x32 = jnp.ones(2, jnp.float32)
+    assert (again["w"] * x32).dtype == (tree["w"] * x32).dtype == jnp.float32
