@@ -13,6 +13,7 @@ that is not finished), reported in one line on stderr; 130 interrupted (Ctrl-C).
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+import socket
 import sys
 
 from ._ensemble import _format_bytes, available_memory
@@ -304,6 +305,11 @@ def _lock_line(lock: LockState | None) -> str:
         return "none (no run is using this directory)"
     if lock.pid is None:
         return f"{lock.path.name} holds no pid (a run may be starting; else delete it)"
+    if lock.alive and lock.host is not None and lock.host != socket.gethostname():
+        return (
+            f"held by pid {lock.pid} on {lock.host} (another host: it cannot be checked from "
+            "here; if no such run exists, delete the lock)"
+        )
     if lock.alive:
         return f"held by pid {lock.pid}, which is running: a run is using this directory"
     return f"stale (pid {lock.pid} is not running; the next run takes it over)"

@@ -51,6 +51,7 @@ import math
 import os
 from pathlib import Path
 import shutil
+import socket
 import sys
 import time
 from typing import Any
@@ -78,8 +79,8 @@ from .status import (
     StudyOutputError,
     _why,
     checksum,
-    lock_pid,
-    pid_alive,
+    holder_alive,
+    lock_holder,
     read_study_record,
     verify_part,
 )
@@ -236,25 +237,26 @@ def _acquire_lock(out: Path) -> Path:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            pid = lock_pid(lock)
-            if pid is not None and pid_alive(pid):
+            pid, host = lock_holder(lock)
+            if holder_alive(pid, host):
+                where = f" on {host}" if host and host != socket.gethostname() else ""
                 raise StudyOutputError(
-                    f"The output directory {out} is in use by another lspsde run (pid {pid}); "
-                    f"wait for it to finish or choose another --out (if no such run exists, "
-                    f"delete {lock})."
+                    f"The output directory {out} is in use by another lspsde run (pid {pid}"
+                    f"{where}); wait for it to finish or choose another --out (if no such run "
+                    f"exists, delete {lock})."
                 ) from None
             _log(f"taking over the stale lock {lock} (pid {pid} is not running)")
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
         return lock
     raise StudyOutputError(f"Could not take the lock {lock}: another run keeps taking it.")
 
 
 def _release_lock(lock: Path) -> None:
     try:
-        if lock.read_text().strip() == str(os.getpid()):
+        if lock.read_text().split()[:2] == [str(os.getpid()), socket.gethostname()]:
             lock.unlink()
     except OSError:
         pass

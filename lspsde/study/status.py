@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import socket
 import time
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ __all__ = [
     "RunStatus",
     "StudyOutputError",
     "checksum",
+    "holder_alive",
+    "lock_holder",
     "lock_pid",
     "pid_alive",
     "read_study_record",
@@ -150,15 +153,31 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def lock_pid(lock: Path) -> int | None:
-    """The pid in a lock file (waiting up to 1 s for a run that has just created it to write
-    its pid); ``None`` for a lock that holds none."""
+def lock_holder(lock: Path) -> tuple[int | None, str | None]:
+    """``(pid, host)`` in a lock file (``pid host``; waiting up to 1 s for a run that has just
+    created it to write them); ``(None, None)`` for a lock that holds none."""
     for _ in range(10):
         try:
-            return int(lock.read_text().strip())
-        except (OSError, ValueError):
+            fields = lock.read_text().split()
+            return int(fields[0]), (fields[1] if len(fields) > 1 else None)
+        except (OSError, ValueError, IndexError):
             time.sleep(0.1)
-    return None
+    return None, None
+
+
+def lock_pid(lock: Path) -> int | None:
+    """The pid in a lock file (see [`lock_holder`][])."""
+    return lock_holder(lock)[0]
+
+
+def holder_alive(pid: int | None, host: str | None) -> bool:
+    """Whether the run holding a lock may still be running: its pid is alive here, or it runs
+    on another host (a directory on shared storage), where this process cannot tell."""
+    if pid is None:
+        return False
+    if host is not None and host != socket.gethostname():
+        return True
+    return pid_alive(pid)
 
 
 # --- what a run directory holds -------------------------------------------------------------
@@ -172,6 +191,7 @@ class LockState:
     path: Path
     pid: int | None
     alive: bool
+    host: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +260,8 @@ def run_status(out: str | Path) -> RunStatus:
         parts = {p.stem: verify_part(p) for p in found}
     lock = None
     if (out / LOCK).exists():
-        pid = lock_pid(out / LOCK)
-        lock = LockState(out / LOCK, pid, pid is not None and pid_alive(pid))
+        pid, host = lock_holder(out / LOCK)
+        lock = LockState(out / LOCK, pid, holder_alive(pid, host), host)
     return RunStatus(
         out=out,
         record=record,

@@ -407,3 +407,17 @@ def test_ctrl_c_says_in_one_line_what_was_kept(finished, tmp_path, monkeypatch, 
     assert "Traceback" not in "\n".join(err)
     assert not (out / ".lspsde.lock").exists()
     assert list(out.rglob("*.tmp")) == []
+
+
+def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path, capsys):
+    """On shared storage a lock from another host cannot be checked by pid: it is respected,
+    and status says where it is held."""
+    from lspsde.study.runner import StudyOutputError, _acquire_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lspsde.lock").write_text("12345 some-other-host\n")
+    with pytest.raises(StudyOutputError, match="pid 12345 on some-other-host"):
+        _acquire_lock(out)
+    assert main(["status", str(out)]) == 0
+    assert "held by pid 12345 on some-other-host" in capsys.readouterr().out
