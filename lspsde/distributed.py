@@ -57,6 +57,8 @@ import numpy as np
 __all__ = ["ClusterError", "Execution", "PieceStore", "connect", "current", "execution"]
 
 _FORMAT = "lspsde-piece-2"
+# JAX settings that decide a piece's bits besides x64: in its key, and set on the workers
+_SETTINGS = ("jax_threefry_partitionable", "jax_default_prng_impl", "jax_default_matmul_precision")
 _log = logging.getLogger("lspsde.distributed")
 
 
@@ -259,14 +261,7 @@ def piece_key(*parts: Any) -> str:
         jax.default_backend(),
         len(jax.local_devices()),
         str(jnp.result_type(float)),
-        *(
-            str(getattr(jax.config, name, None))
-            for name in (
-                "jax_threefry_partitionable",
-                "jax_default_prng_impl",
-                "jax_default_matmul_precision",
-            )
-        ),
+        *(str(getattr(jax.config, name, None)) for name in _SETTINGS),
     ]
     h.update(repr(config).encode())
     host = _to_host(parts)
@@ -534,7 +529,13 @@ def _resolve(ref: str) -> Callable:
 
 
 def _piece_task(
-    store_path: str, key: str, x64: bool, run_chunk: str, fixed: list, piece: Piece
+    store_path: str,
+    key: str,
+    x64: bool,
+    run_chunk: str,
+    fixed: list,
+    piece: Piece,
+    settings: dict | None = None,
 ) -> str:
     """A dask task: compute one piece with the driver's precision and write it to the store.
     ``run_chunk`` is a reference ``"module:name"``: the worker imports it (a jitted function
@@ -542,6 +543,9 @@ def _piece_task(
     one-element list so that dask hands over the scattered data (sent once per run, not once
     per task)."""
     run_chunk = _resolve(run_chunk)
+    for name, value in (settings or {}).items():  # the driver's numerics, in this process
+        if getattr(jax.config, name, value) != value:
+            jax.config.update(name, value)
     with jax.enable_x64(x64):
         piece = dataclasses.replace(piece, fixed=_from_host(fixed[0]))
         leaves = [np.asarray(a) for a in jax.tree.leaves(piece.compute(run_chunk))]
@@ -606,6 +610,7 @@ def run_pieces(
                 run_chunk_ref,
                 [scattered[id(pieces[i].fixed)]],
                 dataclasses.replace(pieces[i], fixed=()),
+                {name: getattr(jax.config, name) for name in _SETTINGS},
                 key="lspsde-piece-"
                 + hashlib.sha256(f"{exe.store.path}|{keys[i][0]}".encode()).hexdigest(),
                 pure=False,
