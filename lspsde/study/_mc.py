@@ -126,3 +126,15 @@ def loglog_slope(
     boot = np.array([ols_slope(lx, np.log(e[i].mean(axis=0))) for i in idx])
     half = z_value(level) * float(np.std(boot, ddof=1))
     return {"slope": slope, "lower": slope - half, "upper": slope + half}
+
+
+def fmt_ci(x, lo, hi) -> str:
+    """``x [lo, hi]`` to four significant digits, for a report's measured column."""
+    return f"{float(x):.4g} [{float(lo):.4g}, {float(hi):.4g}]"
+
+
+def in_band(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, rel: float = 1e-12) -> np.ndarray:
+    """Where ``lower <= x <= upper`` up to a relative rounding ``rel``: at t = 0 every path is at
+    theta0, the band has zero width, and a closed form's m_0 may differ from the simulator's in
+    the last bits (a 1-ulp difference must not read as a violation)."""
+    return (x >= lower * (1 - rel)) & (x <= upper * (1 + rel))

@@ -313,16 +313,14 @@ def run(cfg: NoiseAblation, key, progress: bool) -> xr.Dataset:
     )
 
 
-def _fmt_ci(x, lo, hi) -> str:
-    return f"{x:.4g} [{lo:.4g}, {hi:.4g}]"
-
-
 def _stat(s: xr.Dataset) -> str:
     """The stationary level with its interval; a bare sample mean where the variance is
     infinite (no central limit theorem, so no interval)."""
     if int(s.assumption1_holds) == 0:
         return f"sample mean {float(s.stationary_level):.4g} (no CLT)"
-    return _fmt_ci(float(s.stationary_level), float(s.stationary_lower), float(s.stationary_upper))
+    return _mc.fmt_ci(
+        float(s.stationary_level), float(s.stationary_lower), float(s.stationary_upper)
+    )
 
 
 def checks(ds: xr.Dataset) -> list[Check]:
@@ -333,7 +331,9 @@ def checks(ds: xr.Dataset) -> list[Check]:
         s = ds.sel(noise=label)
         holds = int(s.assumption1_holds)
         reason = str(s.assumption1_reason.values)
-        var = _fmt_ci(float(s.variance_measured), float(s.variance_lower), float(s.variance_upper))
+        var = _mc.fmt_ci(
+            float(s.variance_measured), float(s.variance_lower), float(s.variance_upper)
+        )
         stat = _stat(s)
         tails = (
             f"tail index {float(s.tail_index):.3g} (draws {float(s.tail_index_draws):.3g}, "

@@ -524,15 +524,8 @@ def run(cfg: OutsideDrift, key, progress: bool) -> xr.Dataset:
     )
 
 
-def _fmt_ci(x, lo, hi) -> str:
-    return f"{float(x):.4g} [{float(lo):.4g}, {float(hi):.4g}]"
-
-
 def _inside(s: xr.Dataset, curve: str) -> np.ndarray:
-    c = s[curve].values
-    return (c >= s.tracking_lower.values * (1 - 1e-12)) & (
-        c <= s.tracking_upper.values * (1 + 1e-12)
-    )
+    return _mc.in_band(s[curve].values, s.tracking_lower.values, s.tracking_upper.values)
 
 
 def checks(ds: xr.Dataset) -> list[Check]:
@@ -544,7 +537,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
         shift = not np.isfinite(rate)
         stationary = rate == 0
         case = str(name)
-        floor = _fmt_ci(s.floor, s.floor_lower, s.floor_upper)
+        floor = _mc.fmt_ci(s.floor, s.floor_lower, s.floor_upper)
         all_alive = bool(np.all(s.n_alive.values == s.n_alive.values[0]))
         inside = _inside(s, "tracking_exact")
         rows.append(
@@ -655,7 +648,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
                 "Thm 5.2(2), mean square at T",
                 "rotation 0",
                 f"E||dtheta^T/dtheta^0||^2 <= (d+1) q^T = {n * q**T:.4g}",
-                _fmt_ci(est["mean"], est["lower"], est["upper"]) if a0.size else "no valid path",
+                _mc.fmt_ci(est["mean"], est["lower"], est["upper"]) if a0.size else "no valid path",
                 bool(a0.size and est["lower"] <= n * q**T),
                 f"per path alpha in [{a0.min():.5f}, {a0.max():.5f}] above (1/2) log q = "
                 f"{half:.5f}: the norm form is asymptotic (Jensen); at T = {T:g} it holds in "

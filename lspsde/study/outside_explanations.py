@@ -48,7 +48,7 @@ import xarray as xr
 
 import models
 
-from .._simulate import saved_steps, simulate
+from .._simulate import masked_mean, saved_steps, simulate
 from ..distributions import exponent_distribution
 from ..explain import explanation_trajectory, model_function
 from ..noise import IsotropicGaussian
@@ -214,8 +214,10 @@ def run(cfg: OutsideExplanations, key, progress: bool) -> xr.Dataset:
                 e = np.asarray(traj.explanations)  # (path, step, d_in)
                 curves["spread_t"][c] = np.asarray(traj.spread)
                 curves["drift_t"][c] = np.asarray(traj.mean_drift())
-                curves["input_norm_t"][c] = _masked_mean(np.asarray(traj.input_norm), live)
-                curves["parameter_norm_t"][c] = _masked_mean(np.asarray(traj.parameter_norm), live)
+                curves["input_norm_t"][c] = np.asarray(masked_mean(traj.input_norm, live)[0])
+                curves["parameter_norm_t"][c] = np.asarray(
+                    masked_mean(traj.parameter_norm, live)[0]
+                )
                 # the spread at T: sqrt of the mean squared deviation (CLT interval on the
                 # per-path squared deviations, then the square root of its ends)
                 end = e[:, -1][live[:, -1]]
@@ -327,12 +329,6 @@ def run(cfg: OutsideExplanations, key, progress: bool) -> xr.Dataset:
             "probe": np.asarray(x),
         },
     )
-
-
-def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean over paths (axis 0) of the entries where ``mask``; NaN where none."""
-    n = mask.sum(axis=0)
-    return np.where(n > 0, np.where(mask, values, 0.0).sum(axis=0) / np.maximum(n, 1), np.nan)
 
 
 def checks(ds: xr.Dataset) -> list[Check]:

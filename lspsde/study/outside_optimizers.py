@@ -433,10 +433,6 @@ def run(cfg: OutsideOptimizers, key, progress: bool) -> xr.Dataset:
     )
 
 
-def _fmt_ci(x, lo, hi) -> str:
-    return f"{float(x):.4g} [{float(lo):.4g}, {float(hi):.4g}]"
-
-
 def _all_alive(s: xr.Dataset) -> bool:
     return bool(np.all(s.n_alive.values == s.n_alive.values[0]) and s.n_alive.values[0] >= 2)
 
@@ -453,10 +449,7 @@ def _band_row(theorem: str, s: xr.Dataset, case: str, note: str) -> Check:
             "divergence: the alive-path mean is not m_t",
         )
     exact = s.energy_exact.values
-    # t = 0: every path is at theta0 and the band has width 0, equal up to rounding
-    inside = (exact >= s.energy_lower.values * (1 - 1e-12)) & (
-        exact <= s.energy_upper.values * (1 + 1e-12)
-    )
+    inside = _mc.in_band(exact, s.energy_lower.values, s.energy_upper.values)
     return Check(
         theorem,
         case,
@@ -469,7 +462,7 @@ def _band_row(theorem: str, s: xr.Dataset, case: str, note: str) -> Check:
 
 def _tail_row(s: xr.Dataset, case: str) -> Check:
     """The tail mean's interval contains the exact mean of m_t over the tail steps."""
-    measured = _fmt_ci(s.stationary_level, s.stationary_lower, s.stationary_upper)
+    measured = _mc.fmt_ci(s.stationary_level, s.stationary_lower, s.stationary_upper)
     te = float(s.tail_exact)
     if not (np.isfinite(te) and _all_alive(s)):
         return Check(
@@ -521,7 +514,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
             )
         )
         rows.append(_band_row("exact recursion", sgd, case, "SGD second-moment recursion"))
-        measured = _fmt_ci(sgd.stationary_level, sgd.stationary_lower, sgd.stationary_upper)
+        measured = _mc.fmt_ci(sgd.stationary_level, sgd.stationary_lower, sgd.stationary_upper)
         if beyond:
             rows.append(
                 Check(
@@ -581,7 +574,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
                 "Thm 5.2",
                 case,
                 "- (not a memoryless update)",
-                _fmt_ci(hb.stationary_level, hb.stationary_lower, hb.stationary_upper)
+                _mc.fmt_ci(hb.stationary_level, hb.stationary_lower, hb.stationary_upper)
                 + f", diverged {float(hb.diverged_fraction):.3f}",
                 None,
                 HEAVY_BALL_NOTE,
@@ -613,7 +606,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
                 case,
                 "- (no theorem)",
                 "stationary "
-                + _fmt_ci(ad.stationary_level, ad.stationary_lower, ad.stationary_upper)
+                + _mc.fmt_ci(ad.stationary_level, ad.stationary_lower, ad.stationary_upper)
                 + f", diverged {float(ad.diverged_fraction):.3f}",
                 None,
                 ADAM_NOTE,

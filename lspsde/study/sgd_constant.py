@@ -387,11 +387,7 @@ def _exact_row(s: xr.Dataset, case: str) -> Check:
             "divergence: the alive-path mean is not m_t",
         )
     exact = s.energy_exact.values
-    # up to rounding: at t = 0 every path is at theta0, the band has width 0, and the simulator's
-    # ||theta0 - theta*||^2 and the recursion's m_0 may differ in the last bits
-    inside = (exact >= s.energy_lower.values * (1 - 1e-12)) & (
-        exact <= s.energy_upper.values * (1 + 1e-12)
-    )
+    inside = _mc.in_band(exact, s.energy_lower.values, s.energy_upper.values)
     return Check(
         "exact recursion",
         case,
