@@ -30,3 +30,24 @@ def row(
         "ratio": ratio,
         "note": note,
     }
+
+
+def environment(**extra) -> dict:
+    """The machine facts every bench stores beside its timings (JAX imported here, so that the
+    torch-only benches can import this module without it), updated with ``extra``."""
+    import os
+    import platform
+
+    import jax
+    import jax.numpy as jnp
+
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "dtype": str(jnp.zeros(()).dtype),
+        **extra,
+    }

@@ -79,7 +79,6 @@ import json
 import math
 import os
 from pathlib import Path
-import platform
 import statistics
 import sys
 import time
@@ -94,7 +93,7 @@ import jax.numpy as jnp
 import lineax as lx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _rows import row
+from _rows import environment, row
 
 from lspsde._simulate import simulate
 from lspsde.limits import SGDLimit
@@ -492,16 +491,7 @@ def main() -> None:
 
     dtype = str(jnp.zeros(()).dtype)
     results = {
-        "environment": {
-            "jax": jax.__version__,
-            "diffrax": dfx.__version__,
-            "backend": jax.default_backend(),
-            "devices": len(jax.devices()),
-            "cpu_count": os.cpu_count(),
-            "load_average_start": os.getloadavg(),
-            "python": platform.python_version(),
-            "dtype": dtype,
-        },
+        "environment": environment(diffrax=dfx.__version__, dtype=dtype),
         "workload": (
             f"Euler-Maruyama of the SGD limit on a dense SPD quadratic (eigenvalues in [0.1, 1]), "
             f"eta = {ETA}, n sub-steps per SGD step; noise: IsotropicGaussian({SIGMA}) or "

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 from pathlib import Path
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _rows import row
+from _rows import environment, row
 
 import lspsde
 from lspsde.objectives import SupervisedLoss, parameters
@@ -207,14 +206,7 @@ def main() -> None:
     if options.quick:
         n_steps, repeats = 20, 2
     results = {
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "cpu_count": os.cpu_count(),
-            "load_average_start": os.getloadavg(),
-            "python": platform.python_version(),
-            "dtype": str(jnp.zeros(()).dtype),
-        },
+        "environment": environment(),
         "workload": (
             f"GD steps on a batch of {BATCH} (MSE) of an MLP {WIDTHS}, with and without "
             "warm-started spectral-norm tracking of its 4 weight matrices"

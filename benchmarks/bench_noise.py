@@ -44,13 +44,12 @@ import json
 import math
 import os
 from pathlib import Path
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _rows import row
+from _rows import environment, row
 from bench_simulate import _time, problem  # also pins OpenBLAS to one thread
 import jax
 import jax.numpy as jnp
@@ -505,17 +504,11 @@ def main() -> None:
 
     dtype = str(jnp.zeros(()).dtype)
     results = {
-        "environment": {
-            "jax": jax.__version__,
-            "lspsde_gaussian_s1_0_same_numbers_as_isotropic": _same_numbers_s1_zero(16),
-            "backend": jax.default_backend(),
-            "devices": len(jax.devices()),
-            "cpu_count": os.cpu_count(),
-            "load_average_start": os.getloadavg(),
-            "python": platform.python_version(),
-            "dtype": dtype,
-            "repeats": options.repeats,
-        },
+        "environment": environment(
+            lspsde_gaussian_s1_0_same_numbers_as_isotropic=_same_numbers_s1_zero(16),
+            dtype=dtype,
+            repeats=options.repeats,
+        ),
         "workload": (
             'simulate((objective, SGD(eta), noise), theta0, save="summary") (energy and loss at '
             "every step) vs jit(vmap(scan)) by hand with the same counter keys and outputs"

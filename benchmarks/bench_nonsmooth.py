@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 from pathlib import Path
-import platform
 import statistics
 import sys
 import time
@@ -43,12 +42,11 @@ import jax
 
 jax.config.update("jax_enable_x64", False)  # float32, as the other profile benchmarks
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _rows import row  # noqa: E402
+from _rows import environment, row  # noqa: E402
 
 import lspsde  # noqa: E402
 import models  # noqa: E402
@@ -180,14 +178,7 @@ def main() -> None:
     if options.quick:
         n_steps, repeats = 2, 2
     results = {
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "cpu_count": os.cpu_count(),
-            "load_average_start": os.getloadavg(),
-            "python": platform.python_version(),
-            "dtype": str(jnp.zeros(()).dtype),
-        },
+        "environment": environment(),
         "workload": (
             f"learning_profile of GD on a ReLU MLP {WIDTHS} (B = {BATCH}, {N_PROBES} probes), "
             "with and without the generalised (Clarke) signatures"
