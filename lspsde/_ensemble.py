@@ -189,8 +189,9 @@ def check_step(
     system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray, n_steps: int | None = None
 ) -> None:
     """One step, abstractly (``eval_shape``: traced, not compiled), must keep ``theta0``'s
-    structure, shapes and dtypes; the flow's and the noise model's own checks run first (with
-    ``n_steps``, the noise model's ``check_horizon`` too)."""
+    structure, shapes and dtypes. The flow's own check (and, with ``n_steps``, the noise
+    model's ``check_horizon``) runs first; the noise model's ``check(objective, theta0)`` runs
+    after the abstract step."""
     system.update.check(system.objective, system.noise, theta0)
     if n_steps is not None:
         system.noise.check_horizon(n_steps)
