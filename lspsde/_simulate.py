@@ -224,10 +224,24 @@ ENSEMBLE_CF = {  # CF (long_name, units) of the variables of `Ensemble.to_datatr
 }
 
 
+def flag_attrs(name: str, meanings: tuple[str, str] | None = None) -> dict[str, Any]:
+    """CF flag attributes of a boolean variable ``name``: ``flag_values = [0, 1]`` (netCDF
+    stores booleans as bytes) and ``flag_meanings``, two words for false and true (default
+    ``"not_<name> <name>"``)."""
+    false, true = meanings or (f"not_{name}", name)
+    for word in (false, true):
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(
+                f"CF flag meanings are single words (use underscores); got {word!r} for {name!r}."
+            )
+    return {"flag_values": np.array([0, 1], dtype=np.int8), "flag_meanings": f"{false} {true}"}
+
+
 def add_cf_attrs(tree, table: dict[str, tuple[str, str]]):
     """Set CF ``long_name``/``units`` on every variable and coordinate of ``tree`` whose name
     (or, for pytree leaves such as ``theta_w``, whose name's prefix) is in ``table``; others
-    get their own name as ``long_name`` and ``units = "1"``, so that nothing is left bare."""
+    get their own name as ``long_name`` and ``units = "1"``, so that nothing is left bare.
+    Booleans also get CF ``flag_values``/``flag_meanings`` ([`flag_attrs`][])."""
     for node in tree.subtree:
         for name in list(node.ds.variables):
             key = next(
@@ -237,6 +251,8 @@ def add_cf_attrs(tree, table: dict[str, tuple[str, str]]):
             var = node[name] if name in node.data_vars else node.coords[name]
             var.attrs.setdefault("long_name", long_name)
             var.attrs.setdefault("units", units)
+            if var.dtype == bool and "flag_meanings" not in var.attrs:
+                var.attrs.update(flag_attrs(str(name)))
     return tree
 
 

@@ -21,13 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from ._simulate import Ensemble
+from ._simulate import Ensemble, add_cf_attrs
+from .distributions import _CF as _PROFILE_CF
 from .distributions import ExponentDistribution
 from .energy import Dissipation, RecursionFit
 from .exponents import StabilityExponents, stability_exponents
 from .profile import DEPTH_BLOCKS, TIME_BLOCKS, StabilityProfile
 
 __all__ = ["to_datatree"]
+
+_CF = {  # CF (long_name, units) of the profile, exponents and dissipation trees
+    **_PROFILE_CF,
+    "alpha_x": ("depth exponent (1/L) log ||dX_L/dX_0||_2 at the saved step", "1/layer"),
+    "alpha_x_sup": ("sup-form depth exponent (1/L) log sup_{0<=k<=L} ||dX_k/dX_0||_2", "1/layer"),
+    "gamma": ("largest dissipation rate consistent with every observed step", "1"),
+    "violating_fraction": ("fraction of steps violating the dissipation inequality", "1"),
+    "n_steps_used": ("number of observed steps with a positive norm", "1"),
+}
 
 
 @functools.singledispatch
@@ -57,7 +67,7 @@ def to_datatree(obj: Any, **kwargs: Any):
 def _tree(groups: dict, attrs: dict):
     import xarray as xr
 
-    return xr.DataTree.from_dict({"/": xr.Dataset(attrs=attrs), **groups})
+    return add_cf_attrs(xr.DataTree.from_dict({"/": xr.Dataset(attrs=attrs), **groups}), _CF)
 
 
 @to_datatree.register

@@ -581,3 +581,43 @@ def test_one_way_to_pass_a_system():
     sweep = lspsde.Sweep.of(lspsde.SGD, [0.1, 0.2], name="eta")
     with pytest.raises(TypeError, match="exponent_distribution"):
         lspsde.learning_profile((objective, sweep, noise), theta0, **kw)
+
+
+def test_results_describe_their_booleans_and_every_library_tree_has_cf(tmp_path):
+    """Booleans carry CF flag_values/flag_meanings, through netCDF; the profile, exponents and
+    dissipation trees carry long_name and units on every variable (missing_cf finds none)."""
+    from lspsde.energy import dissipation_rate
+    from lspsde.profile import learning_profile
+    from lspsde.study._data import Variables, missing_cf
+
+    system = (Quadratic(jnp.eye(3), jnp.zeros(3)), GradientDescent(0.5), NoNoise())
+    tree = simulate(system, jnp.ones(3), key=jax.random.key(0), n_paths=2, n_steps=4).to_datatree()
+    diverged = tree["status"]["diverged"]
+    assert diverged.attrs["flag_meanings"] == "not_diverged diverged"
+    np.testing.assert_array_equal(diverged.attrs["flag_values"], [0, 1])
+    tree.to_netcdf(tmp_path / "e.nc", engine="h5netcdf")
+    back = xr.open_datatree(tmp_path / "e.nc", engine="h5netcdf")
+    assert back["status"]["diverged"].dtype == bool
+    assert back["status"]["diverged"].attrs["flag_meanings"] == "not_diverged diverged"
+
+    profile = learning_profile(system, jnp.ones(3), key=jax.random.key(0), n_steps=4)
+    dissipation = dissipation_rate(jnp.array([[4.0, 2.0, 1.0]]), jnp.ones((1, 3)))
+    for library_tree in (lspsde.to_datatree(profile), lspsde.to_datatree(dissipation)):
+        for node in library_tree.subtree:
+            assert missing_cf(node.to_dataset()) == [], node.path
+    assert (
+        "||dtheta^{t+1}/dtheta^t||"
+        in lspsde.to_datatree(profile)["profile"]["sigma_theta"].long_name
+    )
+
+    v = Variables()
+    v.add(
+        "holds", ("case",), np.array([True, False]), "bound holds", flag_meanings=("fails", "holds")
+    )
+    assert v.dataset({"case": ([0, 1], "case", "1")}).holds.attrs["flag_meanings"] == "fails holds"
+    with pytest.raises(ValueError, match="single words"):
+        v.add("h2", ("case",), np.array([True]), "x", flag_meanings=("does not hold", "holds"))
+    with pytest.raises(ValueError, match="boolean variables"):
+        v.add("h3", ("case",), np.array([1.0]), "x", flag_meanings=("a", "b"))
+    bare = xr.Dataset({"ok": ("case", np.array([True]), {"long_name": "ok", "units": "1"})})
+    assert missing_cf(bare) == ["ok"]  # a boolean without flag_meanings is not described

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from lspsde._simulate import flag_attrs
+
 __all__ = ["Variables", "missing_cf", "stack", "stack_estimates"]
 
 
@@ -64,16 +66,27 @@ class Variables:
         values: Any,
         long_name: str,
         units: str = "1",
+        *,
+        flag_meanings: tuple[str, str] | None = None,
         **attrs: Any,
     ) -> None:
         """One variable ``name`` over ``dims`` (``units = "1"``: a dimensionless number, CF's
-        convention)."""
+        convention). A boolean variable also gets CF ``flag_values``/``flag_meanings``:
+        `flag_meanings` names false and true in one word each (default
+        ``("not_<name>", "<name>")``)."""
         _check_cf(name, long_name, units)
         if name in self._vars:
             raise ValueError(f"Study variable {name!r} is added twice.")
+        values = np.asarray(values)
+        if values.dtype == bool:
+            attrs = {**attrs, **flag_attrs(name, flag_meanings)}
+        elif flag_meanings is not None:
+            raise ValueError(
+                f"flag_meanings is for boolean variables; {name!r} has dtype {values.dtype}."
+            )
         self._vars[name] = (
             tuple(dims),
-            np.asarray(values),
+            values,
             {**attrs, "long_name": long_name, "units": units},
         )
 
@@ -148,9 +161,12 @@ class Variables:
 
 def missing_cf(ds: xr.Dataset) -> list[str]:
     """The names of the variables and coordinates of ``ds`` without ``long_name`` or
-    ``units`` (empty when the dataset describes itself)."""
+    ``units``, or booleans without ``flag_meanings`` (empty when the dataset describes
+    itself)."""
     return [
         str(name)
         for name, var in ds.variables.items()
-        if not var.attrs.get("long_name") or not var.attrs.get("units")
+        if not var.attrs.get("long_name")
+        or not var.attrs.get("units")
+        or (var.dtype == bool and not var.attrs.get("flag_meanings"))
     ]
