@@ -123,12 +123,14 @@ class Optax(AbstractStatefulFlow):
     step is the training step. The wrapped step equals optax's, step for step (tested).
 
     **What the profile differentiates.** $\sigma^\theta$ and $\alpha_\theta$ are norms of
-    the Jacobian of the step with respect to every floating leaf of the state. Optimisers that
-    keep constants or bookkeeping as floating state (``optax.inject_hyperparams`` keeps the
-    learning rate in the state; ``reduce_on_plateau``, ``MultiSteps`` accumulate) then get
-    extra rows and columns in that Jacobian (an injected constant contributes an identity
-    block, and its coupling to $\theta$): use the factory form above to sweep hyperparameters
-    instead, so that they are fields, not state.
+    the Jacobian of the step with respect to the floating leaves of the state that are its
+    dynamics ([`differentiated`][]): $\theta$ and optax's moments, traces and accumulators.
+    The hyperparameters that ``optax.inject_hyperparams`` keeps in its state (constants, or a
+    schedule's value at the step count) are held at their values along the path, as the
+    integer step counts are: an injected constant would otherwise add an identity block, and
+    $\sigma^\theta \ge 1$ for every optimiser (tested against the factory form). Other
+    floating bookkeeping (``reduce_on_plateau``'s scale and best value, ``MultiSteps``'
+    accumulated gradient) is dynamical state and is differentiated.
     """
 
     factory: Callable | None = eqx.field(static=True)
@@ -207,3 +209,30 @@ class Optax(AbstractStatefulFlow):
     def __call__(self, t: ArrayLike, state: FlowState, grad: PyTree[Array]) -> FlowState:
         updates, opt_state = self.optimizer().update(grad, state.opt_state, state.theta)
         return FlowState(optax.apply_updates(state.theta, updates), opt_state)
+
+    def differentiated(self, state: FlowState) -> PyTree[bool]:
+        """Every floating leaf, except the hyperparameters (and their schedules' states) that
+        ``optax.inject_hyperparams`` keeps in the state, at any depth of a chain."""
+        return jax.tree.map(_dynamical, state, is_leaf=_is_injected)
+
+
+_INJECTED = tuple(
+    cls
+    for cls in (
+        getattr(optax, "InjectHyperparamsState", None),
+        getattr(optax, "InjectStatefulHyperparamsState", None),
+    )
+    if cls is not None
+)
+
+
+def _is_injected(node: Any) -> bool:
+    return isinstance(node, _INJECTED)
+
+
+def _dynamical(node: Any) -> Any:
+    if not _is_injected(node):
+        return eqx.is_inexact_array(node)
+    held = {f: jax.tree.map(lambda _: False, getattr(node, f)) for f in node._fields}
+    held["inner_state"] = jax.tree.map(_dynamical, node.inner_state, is_leaf=_is_injected)
+    return node._replace(**held)

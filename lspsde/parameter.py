@@ -68,6 +68,13 @@ class AbstractParameterFlow(eqx.Module):
         r"""$\theta^t$ from the carried state (the inverse of [`init`][]'s embedding)."""
         return state
 
+    def differentiated(self, state: PyTree[Array]) -> PyTree[bool]:
+        r"""Which leaves of the carried state are the dynamical state that the profile's
+        $\sigma^\theta_t$ and $\alpha_\theta$ differentiate (an ``eqx.partition`` filter of
+        ``state``'s structure): every floating leaf by default. The others (an integer step
+        count, a held hyperparameter) keep their values along the path."""
+        return jax.tree.map(eqx.is_inexact_array, state)
+
 
 class SGD(AbstractParameterFlow):
     r"""(Stochastic) gradient descent $\theta^{t+1} = \theta^t - \eta_t G(\theta^t, u^t)$
@@ -111,7 +118,8 @@ class FlowState(eqx.Module):
     buffer, Adam's moments and step count, ...): what the ensemble engine carries from step to
     step for an [`AbstractStatefulFlow`][]. Every consumer of a trajectory reads $\theta^t$
     (``theta``); the Jacobian blocks of the profile differentiate the whole state (its floating
-    leaves: an integer step count has no derivative)."""
+    leaves: an integer step count has no derivative; see
+    [`AbstractParameterFlow.differentiated`][])."""
 
     theta: PyTree[Array]
     opt_state: PyTree[Array]

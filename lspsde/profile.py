@@ -241,14 +241,16 @@ def _learning_profile(system, theta0, key, n_steps, save_every, options, keep_st
     steps = jnp.asarray(saved_steps(n_steps, save_every))
     discrete_u = not all(jnp.issubdtype(u.dtype, jnp.inexact) for u in jax.tree.leaves(us))
     cum_method = "lanczos" if options.method == "auto" else options.method
-    # The blocks differentiate the carried state's floating leaves (theta, and a flow's
-    # optimiser state); integer leaves (a step count) are held at their values along the path.
-    floats, ints = eqx.partition(states, eqx.is_inexact_array)
+    # The blocks differentiate the carried state's dynamical leaves (theta, and a flow's
+    # optimiser state: `update.differentiated`); the others (a step count, an injected
+    # hyperparameter) are held at their values along the path.
+    spec = system.update.differentiated(system.init_state(theta0))
+    floats, ints = eqx.partition(states, spec)
     at_step = lambda tree, s: jax.tree.map(lambda a: a[s], tree)
 
     def step_map(s, x, u):
         new = system.parameter_map(s, eqx.combine(x, at_step(ints, s)), u)
-        return eqx.filter(new, eqx.is_inexact_array)
+        return eqx.filter(new, spec)
 
     def at(t):
         x_t = at_step(floats, t)

@@ -188,6 +188,47 @@ def test_adam_profile_and_exponents_differentiate_the_full_state(quadratic):
     assert np.all(np.isfinite(dist.alpha_theta))
 
 
+@pytest.mark.parametrize("momentum", [None, 0.5])
+@pytest.mark.parametrize("chained", [False, True])
+def test_injected_hyperparameters_are_held_not_differentiated(quadratic, momentum, chained):
+    """``inject_hyperparams`` keeps the learning rate (and momentum) in the optimiser state;
+    the profile holds them (they are not dynamics), so sigma^theta equals that of the factory
+    form, where they are fields: the norm of the step's matrix. Differentiating them too
+    would add an identity block (sigma^theta >= 1 where the step contracts)."""
+    eta, theta0, key = 0.3, jnp.array([1.0, -1.0, 2.0]), jax.random.key(0)
+    field_form = lspsde.Optax(optax.sgd, learning_rate=eta, momentum=momentum)
+    injected = optax.inject_hyperparams(optax.sgd)(learning_rate=eta, momentum=momentum)
+    state_form = lspsde.Optax(optax.chain(injected) if chained else injected)
+    profiles = [
+        lspsde.learning_profile((quadratic, flow, lspsde.NoNoise()), theta0, key=key, n_steps=5)
+        for flow in (field_form, state_form)
+    ]
+    np.testing.assert_allclose(profiles[1].sigma_theta, profiles[0].sigma_theta, rtol=1e-6)
+    np.testing.assert_allclose(profiles[1].log_cum_theta, profiles[0].log_cum_theta, rtol=1e-6)
+    H = np.diag(H_DIAG)
+    if momentum is None:  # theta' = (I - eta H) theta: a contraction, ||.|| = 0.85
+        M = np.eye(3) - eta * H
+        assert np.linalg.norm(M, 2) < 1
+    else:  # optax's trace on the state (theta, m): m' = H theta + beta m, theta' = theta - eta m'
+        b = momentum
+        M = np.block([[np.eye(3) - eta * H, -eta * b * np.eye(3)], [H, b * np.eye(3)]])
+    np.testing.assert_allclose(profiles[1].sigma_theta, np.linalg.norm(M, 2), rtol=1e-6)
+    mask = state_form.differentiated(state_form.init(theta0))
+    assert not any(_injected_hyperparams(mask))
+
+
+def _injected_hyperparams(mask):
+    """The mask's entries for the injected hyperparameters, wherever the state holds them."""
+    found = []
+    for node in jax.tree.leaves(
+        mask.opt_state, is_leaf=lambda n: isinstance(n, optax.InjectStatefulHyperparamsState)
+    ):
+        if isinstance(node, optax.InjectStatefulHyperparamsState):
+            found.extend(jax.tree.leaves(node.hyperparams))
+    assert found, "no injected state found"
+    return found
+
+
 def test_spectral_norm_tracking_reads_theta_of_a_stateful_flow():
     W0 = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
     A = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)))
