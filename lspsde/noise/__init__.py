@@ -114,6 +114,8 @@ from .gaussian import AnisotropicGaussian, GaussianNoise, IsotropicGaussian
 from .heavy_tailed import AlphaStableNoise, StudentTNoise
 from .helpers import *  # noqa: F403  (the public helpers: helpers.__all__ is their one list)
 from .stream import (
+    AbstractInputs,
+    AbstractTeacher,
     CovariateShift,
     DataStream,
     GaussianInputs,
@@ -136,6 +138,8 @@ __all__ = [
     "StudentTNoise",
     "StreamNoise",
     "DataStream",
+    "AbstractInputs",
+    "AbstractTeacher",
     "GaussianInputs",
     "CovariateShift",
     "LinearTeacher",

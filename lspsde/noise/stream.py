@@ -106,6 +106,16 @@ class AbstractInputs(eqx.Module):
         """The steps at which the law changes (none for a stationary law)."""
         return ()
 
+    def moments(self, t: ArrayLike) -> tuple[Float[Array, " d"], Float[Array, "d d"]]:
+        r"""The mean $\mathbb{E}x$ and covariance $\operatorname{Cov}x$ of the inputs at step
+        ``t``. The default reads them off the transform, exactly when it is affine in $\xi$:
+        $T_t(0)$ and $JJ^\top$ with $J = \partial T_t/\partial\xi$ (override for a law that is
+        not)."""
+        f = lambda xi: self.transform(t, xi[None, :])[0]
+        zero = jnp.zeros(self.dim)
+        jac = jax.jacfwd(f)(zero)
+        return f(zero), jac @ jac.T
+
 
 class GaussianInputs(AbstractInputs):
     r"""$x = m + s\,\xi$: mean ``mean`` (a vector, or 0 with ``dim``) and scale ``scale``."""
@@ -129,6 +139,9 @@ class GaussianInputs(AbstractInputs):
 
     def transform(self, t: ArrayLike, xi: Float[Array, "n d"]) -> Float[Array, "n d"]:
         return self.mean[None, :] + self.scale * xi
+
+    def moments(self, t: ArrayLike) -> tuple[Float[Array, " d"], Float[Array, "d d"]]:
+        return self.mean, self.scale**2 * jnp.eye(self.dim)
 
 
 class CovariateShift(AbstractInputs):
@@ -157,6 +170,10 @@ class CovariateShift(AbstractInputs):
 
     def change_steps(self) -> tuple[int, ...]:
         return (self.at_step, *self.before.change_steps(), *self.after.change_steps())
+
+    def moments(self, t: ArrayLike) -> tuple[Float[Array, " d"], Float[Array, "d d"]]:
+        before, after = self.before.moments(t), self.after.moments(t)
+        return jax.tree.map(lambda b, a: jnp.where(t < self.at_step, b, a), before, after)
 
 
 class AbstractTeacher(eqx.Module):

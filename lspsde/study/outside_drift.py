@@ -178,15 +178,17 @@ def assumption1_constants(
 
 def law_moments(stream: DataStream, n_steps: int) -> dict[str, np.ndarray]:
     r"""The law of every step $t = 0..T$: input mean $m_t$ ``(T+1, d)`` and scale $s_t$, label
-    noise $\varsigma_t$, teacher $W_t$ ``(T+1, d_out, d)``, read off the stream itself (the input
-    transform of $\xi = 0$ and of a unit vector)."""
+    noise $\varsigma_t$, teacher $W_t$ ``(T+1, d_out, d)``, from the stream's own moments
+    (``inputs.moments(t)``; the recursion needs an isotropic covariance $s_t^2 I$)."""
     d = stream.inputs.dim
     ts = jnp.arange(n_steps + 1)
-    m = jax.vmap(lambda t: stream.inputs.transform(t, jnp.zeros((1, d)))[0])(ts)
-    e1 = jax.vmap(lambda t: stream.inputs.transform(t, jnp.eye(d)[:1])[0, 0])(ts)
+    m, cov = (np.asarray(a) for a in jax.vmap(stream.inputs.moments)(ts))
+    s2 = np.einsum("tii->t", cov) / d
+    if not np.allclose(cov, s2[:, None, None] * np.eye(d), rtol=1e-12, atol=0.0):
+        raise ValueError("The exact tracking recursion needs isotropic inputs N(m_t, s_t^2 I).")
     return {
-        "m": np.asarray(m),
-        "s": np.asarray(e1 - m[:, 0]),
+        "m": m,
+        "s": np.sqrt(s2),
         "label_noise": np.asarray(jax.vmap(stream.label_noise)(ts)),
         "W": np.asarray(jax.vmap(stream.minimizer)(ts)),
     }
