@@ -189,9 +189,11 @@ def check_step(
     system: LearningSystem, theta0: PyTree[Array], key: PRNGKeyArray, n_steps: int | None = None
 ) -> None:
     """One step, abstractly (``eval_shape``: traced, not compiled), must keep ``theta0``'s
-    structure, shapes and dtypes. The flow's own check (and, with ``n_steps``, the noise
-    model's ``check_horizon``) runs first; the noise model's ``check(objective, theta0)`` runs
-    after the abstract step."""
+    structure, shapes and dtypes. First the noise model's ``check_objective`` (does it fit this
+    kind of objective at all), the flow's own check and, with ``n_steps``, the noise model's
+    ``check_horizon``; the noise model's ``check(objective, theta0)`` runs after the abstract
+    step, whose failure names ``theta0``."""
+    system.noise.check_objective(system.objective)
     system.update.check(system.objective, system.noise, theta0)
     if n_steps is not None:
         system.noise.check_horizon(n_steps)

@@ -751,3 +751,20 @@ def test_matched_heavy_tails_and_state_dependent_models():
     assert NoNoise().matched(objective, theta, 1.0) == NoNoise()
     with pytest.raises(ValueError, match="cannot be matched"):
         IsotropicGaussian(0.0).matched(objective, theta, 1.0)
+
+
+@pytest.mark.parametrize(
+    "noise, error, match",
+    [
+        (MinibatchNoise(2, 8), TypeError, "^MinibatchNoise needs a finite-sum objective"),
+        (CurvatureNoise(2, 8), TypeError, "^CurvatureNoise samples rows of a least-squares"),
+    ],
+)
+def test_a_data_model_on_the_wrong_objective_says_so_before_any_step(noise, error, match):
+    """``check_objective`` runs before the abstract step: the model's own message, not a
+    failed step (an AttributeError from inside ``gradient``) wrapped as a fault of theta0."""
+    quad = models.objectives.Quadratic(jnp.eye(3), jnp.zeros(3))
+    with pytest.raises(error, match=match):
+        check_step(
+            LearningSystem(quad, GradientDescent(0.1), noise), jnp.ones(3), jax.random.key(0)
+        )

@@ -158,15 +158,25 @@ class AbstractNoise(eqx.Module):
         r"""Check, before anything compiles, that this model fits a run of ``n_steps`` steps
         (a drift scheduled past the horizon is refused by the non-stationary models)."""
 
-    def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
-        r"""Check, without compiling, that this model fits ``objective`` and ``theta0``.
+    def check_objective(self, objective: AbstractObjective) -> None:
+        r"""Check that this model can draw gradients of ``objective`` at all (its kind, its
+        data's shapes), before anything is traced: the engine runs it first, so a model that
+        needs a finite sum or a supervised loss says so instead of failing inside a step.
 
-        **Raises:** ``ValueError``/``TypeError`` naming the mismatch and the fix.
+        **Raises:** ``TypeError``/``ValueError`` naming the mismatch and the fix.
         """
         if not isinstance(objective, AbstractObjective):
             raise TypeError(
                 f"`objective` must be an AbstractObjective, got {type(objective).__name__}."
             )
+
+    def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
+        r"""Check, without compiling, that this model fits ``objective`` and ``theta0``
+        (after [`check_objective`][], which it calls).
+
+        **Raises:** ``ValueError``/``TypeError`` naming the mismatch and the fix.
+        """
+        self.check_objective(objective)
         u = jax.eval_shape(self.sample, jax.random.key(0), theta0)
         out = jax.eval_shape(self.gradient, objective, theta0, u)
         inp = jax.eval_shape(lambda th: th, theta0)

@@ -173,6 +173,10 @@ class CurvatureNoise(AbstractNoise):
         s0, s1 = frontier_constants(v0, c, Q, 1.0 / self.batch_size, sigma1)
         return Assumption1(True, s0, s1, "upper bound: smallest sigma0 for this sigma1 (frontier)")
 
+    def check_objective(self, objective: AbstractObjective) -> None:
+        super().check_objective(objective)
+        self._data(objective)
+
     def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
         self._fit(objective, theta0)
         super().check(objective, theta0)
@@ -340,6 +344,6 @@ class MinibatchNoise(AbstractNoise):
         s0, s1 = frontier_constants(v0, c, Q, self.kappa, sigma1)
         return Assumption1(True, s0, s1, "upper bound: smallest sigma0 for this sigma1 (frontier)")
 
-    def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
+    def check_objective(self, objective: AbstractObjective) -> None:
+        super().check_objective(objective)
         _finite_sum(objective, self.data_size)
-        super().check(objective, theta0)

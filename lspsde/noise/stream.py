@@ -332,7 +332,6 @@ class StreamNoise(AbstractNoise):
     def gradient(
         self, objective: AbstractObjective, theta: PyTree[Array], u: dict[str, Array]
     ) -> PyTree[Array]:
-        self._fits(objective)  # runs in the engine's abstract first step: a clear message
         x, y = self.stream.data(self.t, u["xi"], u["zeta"])
 
         def batch_loss(th):
@@ -362,11 +361,7 @@ class StreamNoise(AbstractNoise):
                 f"least {max(late) + 1} steps, or schedule the change earlier."
             )
 
-    def check(self, objective: AbstractObjective, theta0: PyTree[Array]) -> None:
-        self._fits(objective)
-        super().check(objective, theta0)
-
-    def _fits(self, objective: AbstractObjective) -> None:
+    def check_objective(self, objective: AbstractObjective) -> None:
         if not isinstance(objective, SupervisedLoss):
             raise TypeError(
                 f"StreamNoise needs an lspsde.SupervisedLoss (its network and loss are applied "
