@@ -57,8 +57,11 @@ __all__ = [
     "named_leaves",
     "run_ensemble",
     "saved_steps",
+    "scan_progress",
+    "show_progress",
     "sq_norm",
     "state_size",
+    "tick_every",
 ]
 
 # Default chunking: a chunk's estimated working set is kept under this many bytes.
@@ -377,15 +380,84 @@ def _finite(tree: PyTree[Array]) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def guarded_step(system: LearningSystem, k_p: PRNGKeyArray, threshold: Array) -> Callable:
+TICKS_PER_RUN = 50
+"""How many times a compiled scan reports its progress over a run's steps (a host callback
+every ``ceil(n_steps / TICKS_PER_RUN)`` steps; see [`scan_progress`][])."""
+
+_DISPLAYS: list["_StepDisplay"] = []  # the innermost open display receives the scans' ticks
+
+
+class _StepDisplay:
+    """A tqdm bar over the steps of a run's chunks: ``n_chunks * n_steps`` in all. The compiled
+    scans tick it from inside (``every`` steps a tick, once per grid point and device, so a
+    tick advances ``every / calls_per_step`` steps), and each finished chunk sets it to the
+    chunk's exact end, so that the count inside a chunk is an estimate and the boundaries are
+    exact."""
+
+    def __init__(self, bar: Any, n_steps: int | None, calls: int):
+        self.bar, self.n_steps, self.done, self.pos = bar, n_steps or 1, 0, 0.0
+        # counting chunks (no n_steps): the scans' ticks are ignored
+        self.per_tick = tick_every(n_steps) / max(calls, 1) if n_steps else 0.0
+
+    def tick(self) -> None:
+        if self.per_tick:  # never past the running chunk's end
+            self.pos = min(self.pos + self.per_tick, (self.done + 1) * self.n_steps)
+            self._show()
+
+    def chunk_done(self) -> None:
+        self.done += 1
+        self.pos = float(self.done * self.n_steps)
+        self._show()
+
+    def _show(self) -> None:
+        if int(self.pos) > self.bar.n:
+            self.bar.update(int(self.pos) - self.bar.n)
+
+
+def _tick() -> None:
+    if _DISPLAYS:
+        _DISPLAYS[-1].tick()
+
+
+def tick_every(n_steps: int) -> int:
+    """The step interval of the in-scan progress ticks for a run of ``n_steps`` steps."""
+    return max(1, math.ceil(n_steps / TICKS_PER_RUN))
+
+
+def scan_progress(t: Array, every: int) -> None:
+    r"""Report progress from inside a compiled scan: a host callback after steps
+    $t + 1 \equiv 0 \pmod{every}$ (an ``ordered=False`` ``jax.debug.callback`` under a
+    ``lax.cond`` on the unbatched step counter: once per grid point and device, never per
+    path). It has no outputs, so the numbers do not depend on it; with no open display it
+    does nothing."""
+    jax.lax.cond(
+        (t + 1) % every == 0, lambda: jax.debug.callback(_tick, ordered=False), lambda: None
+    )
+
+
+def show_progress(progress: bool | None, n_chunks: int, n_steps: int | None) -> bool:
+    """``progress=None``: a display on a terminal, outside CI, for several chunks or a run of
+    ``n_steps`` steps that reports from inside its scans."""
+    if progress is not None:
+        return bool(progress)
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return False
+    return getattr(sys.stderr, "isatty", lambda: False)() and (n_chunks > 1 or bool(n_steps))
+
+
+def guarded_step(
+    system: LearningSystem, k_p: PRNGKeyArray, threshold: Array, every: int | None = None
+) -> Callable:
     r"""``step((state, div_step), t) -> (state, div_step)``: one step of path ``k_p`` under the
     divergence rule. A path whose new $\theta$ is not finite or has $\|\theta\| >$
     ``threshold`` (or, for a flow with optimiser state, whose state is not finite) is frozen at
     its last admissible state, and ``div_step`` (``-1`` while alive) records the first such
-    step $t + 1$."""
+    step $t + 1$. With ``every``, the step reports progress ([`scan_progress`][])."""
     stateful = isinstance(system.update, AbstractStatefulFlow)
 
     def step(carry, t):
+        if every is not None:
+            scan_progress(t, every)
         theta, div_step = carry
         new = system.parameter_map(t, theta, system.noise_at(k_p, t, theta))
         # NaN and inf fail `<=`, so this one comparison also catches non-finite values.
@@ -495,6 +567,7 @@ def run_ensemble(
     sweep: "tuple[str, eqx.Module, int | None] | None" = None,
     progress: bool | None = None,
     desc: str = "ensemble",
+    n_steps: int | None = None,
 ) -> PyTree[Array]:
     r"""``path_fn(system, *args, p)`` for every global path index ``p``, ``chunk_size`` paths
     per compiled call, concatenated on the path axis (after the grid axis, if any).
@@ -522,7 +595,9 @@ def run_ensemble(
     only to a multiple of two, and chunk size 4 of the sweep still did with 8 padding paths
     after it; none does with the block padding. With several devices the path axis is sharded
     over a 1-D mesh.
-    ``progress=None``: a tqdm bar only on a terminal and with several chunks.
+    ``progress=None``: a display only on a terminal, outside CI ([`show_progress`][]). With
+    ``n_steps`` (the steps of a path, for a ``path_fn`` whose scan reports with
+    [`scan_progress`][]) the display counts steps, also inside a chunk; without, chunks.
     """
     exe = distributed.current()
     traced = any(_is_traced(a) for a in jax.tree.leaves((system, args, sweep)))
@@ -536,34 +611,55 @@ def run_ensemble(
     axis = 0 if sweep is None else 1  # the path axis of every output
     starts = range(0, n_paths, chunk_size)
     valid = lambda start: min(chunk_size, n_paths - start)
-    if exe is not None:
-        return _run_stored(path_fn, system, args, sweep, starts, padded, valid, exe, progress, desc)
-    n_chunks = len(starts)
-    if progress is None:
-        progress = n_chunks > 1 and getattr(sys.stderr, "isatty", lambda: False)()
-    chunks = []
-    for start in tqdm(starts, total=n_chunks, disable=not progress, desc=desc):
-        piece = distributed.Piece(
-            (path_fn, system, field, swept, batch_size, args), start, padded, valid(start), axis
-        )
-        chunks.append(piece.compute(_run_chunk))
+    fixed = (path_fn, system, field, swept, batch_size, args)
+    pieces = [distributed.Piece(fixed, s, padded, valid(s), axis) for s in starts]
+    n_chunks = len(pieces)
+    grid = 1 if swept is None else _grid_size(swept)
+    calls = grid * _n_shards(padded)  # ticks per step interval (from workers: none arrive)
+    with _display(progress, n_chunks, n_steps, desc, calls) as display:
+        if exe is not None:
+            chunks = distributed.run_pieces(
+                "lspsde._ensemble:_run_chunk", pieces, exe, display.chunk_done
+            )
+        else:
+            chunks = []
+            for piece in pieces:
+                chunks.append(piece.compute(_run_chunk))
+                display.chunk_done()
     if n_chunks == 1:
         return chunks[0]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *chunks)
 
 
-def _run_stored(path_fn, system, args, sweep, starts, padded, valid, exe, progress, desc):
-    """``run_ensemble`` under ``lspsde.distributed.execution``: every chunk is a stored piece
-    (with a sweep, the chunk over the whole grid: exactly the program of an unstored run, so
-    stored, distributed and plain runs agree to the bit)."""
-    field, swept, batch_size = sweep if sweep is not None else (None, None, None)
-    axis = 0 if sweep is None else 1
-    fixed = (path_fn, system, field, swept, batch_size, args)
-    pieces = [distributed.Piece(fixed, s, padded, valid(s), axis) for s in starts]
-    if progress is None:
-        progress = len(pieces) > 1 and getattr(sys.stderr, "isatty", lambda: False)()
-    with tqdm(total=len(pieces), disable=not progress, desc=desc) as bar:
-        outs = distributed.run_pieces("lspsde._ensemble:_run_chunk", pieces, exe, bar.update)
-    if len(outs) == 1:
-        return outs[0]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *outs)
+class _display:
+    """The progress display of one ensemble (a context manager yielding a [`_StepDisplay`][]);
+    a disabled one when ``show_progress`` says no."""
+
+    def __init__(self, progress, n_chunks: int, n_steps: int | None, desc: str, calls: int):
+        shown = show_progress(progress, n_chunks, n_steps)
+        unit = "step" if n_steps else "chunk"  # without steps, the display counts chunks
+        total = n_chunks * (n_steps or 1)
+        # `delay`: a run that ends within a second never draws a bar
+        bar = tqdm(total=total, disable=not shown, desc=desc, unit=unit, delay=1.0)
+        self.display = _StepDisplay(bar, n_steps, calls)
+
+    def __enter__(self) -> _StepDisplay:
+        if not self.display.bar.disable:
+            _DISPLAYS.append(self.display)
+        return self.display
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.display in _DISPLAYS:
+            _DISPLAYS.remove(self.display)
+        self.display.bar.close()
+
+
+def _grid_size(swept: eqx.Module) -> int:
+    leaves = jax.tree.leaves(eqx.filter(swept, eqx.is_array))
+    return int(leaves[0].shape[0]) if leaves else 1
+
+
+def _n_shards(padded: int) -> int:
+    """How many devices a chunk of ``padded`` paths is sharded over (see `Piece.compute`)."""
+    n = jax.local_device_count()
+    return n if n > 1 and padded % n == 0 else 1

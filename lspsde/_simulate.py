@@ -39,6 +39,7 @@ from ._ensemble import (
     saved_steps,
     sq_norm,
     state_size,
+    tick_every,
 )
 from .noise import AbstractNoise
 from .objectives import AbstractObjective
@@ -278,7 +279,7 @@ def simulate_path(system, theta0, key, threshold, n_steps, save_every, keep_thet
     """
     k_p = jax.random.fold_in(key, p)
     theta_star = system.objective.minimizer()
-    guarded = guarded_step(system, k_p, threshold)
+    guarded = guarded_step(system, k_p, threshold, tick_every(n_steps))  # reports progress
     step = lambda carry, t: (guarded(carry, t), None)
 
     def advance(carry, start, length):
@@ -400,8 +401,9 @@ def simulate(
     - `save`: ``"trajectory"`` keeps $\theta$ at the saved steps; ``"summary"`` keeps only
       energy, loss, status and $\theta^T$ (memory independent of $T \cdot d$ up to the small
       per-step energy and loss).
-    - `progress`: show a tqdm bar over chunks; default: only if stderr is a terminal and there
-      is more than one chunk.
+    - `progress`: show a tqdm bar over the steps of every chunk, advanced from inside the
+      compiled scan (about 50 host callbacks a run, which do not change the numbers); default:
+      only if stderr is a terminal and ``CI`` is not set, and only once a run takes a second.
 
     With several local devices the path axis of each chunk is sharded over a 1-D mesh of them
     (every chunk is padded to a multiple of twice the device count).
@@ -465,6 +467,7 @@ def simulate(
         sweep=batched,
         progress=progress,
         desc="simulate",
+        n_steps=run.n_steps,
     )
     div_step = out["divergence_step"]
     return Ensemble(

@@ -563,7 +563,8 @@ def exponent_distribution(
     - `method`, `max_steps`, `rtol`: how the operator norms are computed (as in
       ``learning_profile``: ``"auto"``, ``"lanczos"``, ``"power"`` or ``"dense"``).
     - `keep_final`: keep $\theta^T$ of every path (``n_paths`` copies of $\theta$).
-    - `progress`: a tqdm bar over chunks; default: only on a terminal with several chunks.
+    - `progress`: a tqdm bar over chunks; default: only on a terminal (not under ``CI``) with
+      several chunks.
 
     **Returns:** an [`ExponentDistribution`][]; ``.summary()`` for the ``arviz_stats``
     summary, ``.to_datatree()`` for an ArviZ ``DataTree``.

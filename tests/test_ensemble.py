@@ -342,3 +342,48 @@ def test_a_vanishing_temporal_sensitivity_does_not_underflow():
     prof = lspsde.learning_profile(system, jnp.ones(1), key=KEY, n_steps=T, save_every=T)
     np.testing.assert_allclose(prof.log_cum_u[-1], -(T - 1) * np.log(2.0), rtol=1e-12)
     np.testing.assert_allclose(prof.log_cum_theta[-1], -T * np.log(2.0), rtol=1e-12)
+
+
+class _RecordingBar:
+    """A stand-in for tqdm that records every update."""
+
+    def __init__(self, total=None, disable=False, **kwargs):
+        self.total, self.disable, self.n, self.updates = total, disable, 0.0, []
+        _RecordingBar.last = self
+
+    def update(self, k=1):
+        self.n += k
+        self.updates.append(self.n)
+
+    def close(self):
+        pass
+
+
+def test_progress_is_reported_from_inside_the_scan(monkeypatch):
+    """One chunk of a 200-step run: the display advances ~50 times from inside the compiled
+    scan (not only when the chunk ends) and ends exactly at the total; the numbers equal a
+    run without a display; under CI the default display stays off, even on a terminal."""
+    from lspsde import _ensemble
+
+    monkeypatch.setattr(_ensemble, "tqdm", _RecordingBar)
+    system = (Quadratic(jnp.eye(3), jnp.zeros(3)), lspsde.SGD(0.1), lspsde.IsotropicGaussian(0.1))
+    kw = dict(key=jax.random.key(0), n_paths=16, n_steps=200)
+    shown = lspsde.simulate(system, jnp.ones(3), progress=True, **kw)
+    bar = _RecordingBar.last
+    assert bar.total == 200 and not bar.disable
+    inside = [n for n in bar.updates if 0 < n < 200]
+    assert len(inside) >= 40  # ticks while the chunk runs, every ceil(200 / 50) = 4 steps
+    assert np.all(np.diff(bar.updates) >= 0) and bar.n == pytest.approx(200)
+    quiet = lspsde.simulate(system, jnp.ones(3), progress=False, **kw)
+    np.testing.assert_array_equal(shown.energy, quiet.energy)
+
+    # three chunks: boundaries are exact, whatever the ticks said
+    lspsde.simulate(system, jnp.ones(3), progress=True, chunk_size=6, **kw)
+    bar = _RecordingBar.last
+    assert bar.total == 3 * 200 and bar.n == pytest.approx(600)
+
+    monkeypatch.setattr(_ensemble.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("CI", "true")
+    assert not _ensemble.show_progress(None, 3, 200)
+    monkeypatch.delenv("CI")
+    assert _ensemble.show_progress(None, 1, 200)
