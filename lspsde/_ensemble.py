@@ -639,8 +639,10 @@ class _display:
         shown = show_progress(progress, n_chunks, n_steps)
         unit = "step" if n_steps else "chunk"  # without steps, the display counts chunks
         total = n_chunks * (n_steps or 1)
-        # `delay`: a run that ends within a second never draws a bar
-        bar = tqdm(total=total, disable=not shown, desc=desc, unit=unit, delay=1.0)
+        # `delay`: a run that ends within a second never draws the automatic bar; one asked
+        # for with progress=True is drawn at once
+        delay = 0.0 if progress else 1.0
+        bar = tqdm(total=total, disable=not shown, desc=desc, unit=unit, delay=delay)
         self.display = _StepDisplay(bar, n_steps, calls)
 
     def __enter__(self) -> _StepDisplay:

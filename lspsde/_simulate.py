@@ -403,7 +403,8 @@ def simulate(
       per-step energy and loss).
     - `progress`: show a tqdm bar over the steps of every chunk, advanced from inside the
       compiled scan (about 50 host callbacks a run, which do not change the numbers); default:
-      only if stderr is a terminal and ``CI`` is not set, and only once a run takes a second.
+      only if stderr is a terminal and ``CI`` is not set, and only once a run takes a second
+      (``progress=True`` draws it at once).
 
     With several local devices the path axis of each chunk is sharded over a 1-D mesh of them
     (every chunk is padded to a multiple of twice the device count).
