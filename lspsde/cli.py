@@ -1,7 +1,10 @@
 """Command line for studies.
 
-- ``lspsde run STUDY.toml --out DIR``: run a study (resumes an interrupted run);
-- ``lspsde validate STUDY.toml`` (alias ``check``): check a study file and say what it would run;
+- ``lspsde run STUDY.toml --out DIR [--size NAME]``: run a study (resumes an interrupted run),
+  at a named size of the file (``--size ci``: the reduced grids the tests run);
+- ``lspsde validate STUDY.toml [--size NAME] [--calibrate]`` (alias ``check``): check a study
+  file and say what it would run; ``--calibrate`` times each experiment once at its ``ci`` size
+  and extrapolates a rough time estimate;
 - ``lspsde list [STUDIES_DIR]``: the experiment kinds and the study files there are;
 - ``lspsde status DIR``: what a (possibly interrupted) run directory holds;
 - ``lspsde report DIR``: rebuild ``report.md`` and the figures from saved results.
@@ -20,15 +23,18 @@ from ._ensemble import _format_bytes, available_memory
 from .distributed import ClusterError
 from .study import registry
 from .study.runner import (
+    ExperimentPlan,
     StudyInterrupted,
     StudyOutputError,
     StudyResult,
+    _duration,
+    calibrate,
     plan_study,
     rebuild_report,
     run_study,
 )
-from .study.schema import StudyConfigError, load_study
-from .study.status import LockState, RunStatus, run_status
+from .study.schema import FULL, StudyConfig, StudyConfigError, load_study
+from .study.status import LockState, RunStatus, resume_command, run_status
 
 __all__ = ["main"]
 
@@ -71,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         help="recompute finished experiments; run into a directory holding another study",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _size_option(run, "run the study at")
     where = run.add_mutually_exclusive_group()
     where.add_argument(
         "--workers",
@@ -101,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
         "each experiment's grid, sizes and (for ensembles) memory per grid point.",
     )
     validate.add_argument("study", help="path to a study TOML file")
+    _size_option(validate, "check the study at")
+    validate.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="time each experiment once at its ci size (in a temporary directory) and print a "
+        "rough time estimate for --size by linear extrapolation in path-steps",
+    )
     validate.set_defaults(handler=_cmd_validate)
 
     lst = sub.add_parser(
@@ -138,6 +152,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--size",
+        default=FULL,
+        metavar="NAME",
+        help=f"{what} a size the file declares ([EXPERIMENT.sizes.NAME] tables; the shipped "
+        "studies declare ci, the reduced grids the tests run); default full, the file as "
+        "written",
+    )
+
+
+def _without_size(config: StudyConfig) -> list[str]:
+    """The experiments of `config` that do not declare the size it was parsed at (they run as
+    written); none at size full."""
+    if config.size == FULL:
+        return []
+    return [n for n in config.experiments() if not config.has_size(n, config.size)]
+
+
 # --- run ------------------------------------------------------------------------------------
 
 
@@ -152,7 +185,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 )
             )
             return 2
-    config = load_study(args.study)
+    config = load_study(args.study, size=args.size)
+    for name in _without_size(config):
+        print(
+            f"[{name}] declares no [{name}.sizes.{config.size}] table: it runs as written",
+            file=sys.stderr,
+        )
     progress = False if args.quiet else None  # None: bars on a terminal, not under CI
     result = run_study(
         config,
@@ -170,7 +208,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _print_written(result: StudyResult) -> None:
     n_fail = sum(1 for c in result.checks if c.holds is False)
-    print(f"wrote {len(result.files)} files to {result.out}:")
+    print(f"wrote {len(result.files)} files to {result.out} (size {result.size}):")
     for f in result.files:
         print(f"  {f}")
     print(
@@ -183,15 +221,16 @@ def _print_written(result: StudyResult) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    """``lspsde validate``: what each experiment would run; 2 when one grid point of an
-    ensemble cannot fit in memory."""
-    config = load_study(args.study)
+    """``lspsde validate``: what each experiment would run (and, with ``--calibrate``, a rough
+    time estimate); 2 when one grid point of an ensemble cannot fit in memory."""
+    config = load_study(args.study, size=args.size)
     plans = plan_study(config)
     n = len(plans)
     print(
         f"{args.study}: study {config.study.name!r} (seed {config.study.seed}), "
         f"{n} experiment{'s' * (n != 1)}: {', '.join(p.name for p in plans)}"
     )
+    print(_size_line(config))
     limit = available_memory()
     for plan in plans:
         grid = " × ".join(f"{k} {v}" for k, v in plan.grid.items()) or "a single point"
@@ -200,6 +239,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if plan.sizes:
             line += "; " + ", ".join(f"{k} {v}" for k, v in plan.sizes.items())
         print(line.rstrip())
+        if config.size != FULL:
+            print(f"    {_experiment_size_line(config, plan.name)}")
         if plan.path_steps is not None:
             s = plan.sizes
             print(
@@ -224,8 +265,105 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                     f"    warning: all {combos} grid points at once need "
                     f"{_format_bytes(combos * plan.result_bytes)}, more than is available"
                 )
-    print("OK (nothing was run)")
+    if not args.calibrate:
+        size = "" if config.size == FULL else f" --size {config.size}"
+        print(
+            f"time: `lspsde validate {args.study}{size} --calibrate` gives a rough estimate (it "
+            f"runs each experiment once at its {_CALIBRATION} size)"
+        )
+        print("OK (nothing was run)")
+        return 0
+    _print_calibration(args.study, config, plans)
+    print("OK (the calibration ran in a temporary directory; nothing was written beside the study)")
     return 0
+
+
+def _size_line(config: StudyConfig) -> str:
+    """What the size `config` was parsed at means, and the sizes its file declares."""
+    others = ", ".join(config.declared_sizes)
+    if config.size == FULL:
+        declared = f"it also declares {others} (--size NAME)" if others else "no other size"
+        return f"size: {FULL} (the file as written); {declared}"
+    return (
+        f"size: {config.size} (each [EXPERIMENT.sizes.{config.size}] table merged into its "
+        f"experiment's table); the file declares {others}, and {FULL} (as written)"
+    )
+
+
+def _experiment_size_line(config: StudyConfig, name: str) -> str:
+    size = config.size
+    if not config.has_size(name, size):
+        return f"size {size}: no [{name}.sizes.{size}] table, so it runs as written"
+    keys = list(config.size_tables[name][size])
+    if not keys:
+        return f"size {size}: [{name}.sizes.{size}] is empty, so it runs as written"
+    return f"size {size}: [{name}.sizes.{size}] sets {', '.join(keys)}"
+
+
+_CALIBRATION = "ci"  # the size --calibrate runs
+
+
+def _count(n: int) -> str:
+    """``950``, ``12.3k``, ``1.2M``, ``3.4G`` (path-steps)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _print_calibration(source: str, config: StudyConfig, plans: list[ExperimentPlan]) -> None:
+    """``--calibrate``: run each experiment that can give an estimate once at its ci size and
+    extrapolate its time to `config`'s size linearly in path-steps."""
+    ci = _CALIBRATION
+    small_config = config
+    if config.size != ci and any(config.has_size(p.name, ci) for p in plans):
+        small_config = load_study(source, size=ci)
+    small = {p.name: p for p in plan_study(small_config)}
+    why: dict[str, str] = {}
+    for plan in plans:
+        if not config.has_size(plan.name, ci):
+            why[plan.name] = f"no [{plan.name}.sizes.{ci}] table to calibrate at"
+        elif plan.path_steps is None or small[plan.name].path_steps is None:
+            why[plan.name] = "no path-step count (not an ensemble with n_paths and n_steps)"
+    todo = [p.name for p in plans if p.name not in why]
+    print(
+        f"time (--calibrate: each experiment with a {ci} size and a path-step count run once at "
+        f"its {ci} size, in a temporary directory):"
+    )
+    times: dict[str, float] = {}
+    for name in todo:
+        print(f"  {name}: calibrating at size {ci} ...", flush=True)
+        times.update(calibrate(small_config, [name]))
+    total = 0.0
+    for plan in plans:
+        if plan.name in why:
+            print(f"  {plan.name}: no estimate available ({why[plan.name]})")
+            continue
+        seconds, steps = times[plan.name], small[plan.name].path_steps
+        target = plan.path_steps
+        assert steps is not None and target is not None  # checked above
+        estimate = seconds * target / steps
+        total += estimate
+        head = f"  {plan.name}: calibrated at size {ci}: {_duration(seconds)} for {_count(steps)}"
+        if config.size == ci:
+            print(f"{head} path-steps (the size asked for: the estimate is this time)")
+            continue
+        print(
+            f"{head} path-steps; estimated {_duration(estimate)} for {_count(target)} "
+            f"path-steps (size {config.size})"
+        )
+    if times:
+        n = len(times)
+        print(
+            f"  estimated total: {_duration(total)} for the {n} experiment{'s' * (n != 1)} with "
+            "an estimate"
+        )
+        print(
+            "  (a rough linear extrapolation in path-steps from one short run: the calibration "
+            "time includes JIT compilation, figures and the report, which do not grow with the "
+            "paths and steps and dominate small runs, so the estimate leans high; grid axes and "
+            "sizes that are not paths or steps are not accounted for)"
+        )
 
 
 # --- list -----------------------------------------------------------------------------------
@@ -323,7 +461,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if rec is not None:
         src = f", from {rec['source']}" if rec.get("source") else ""
         print(
-            f"{st.out}: study {rec['study']!r} (seed {rec.get('seed')}){src}; "
+            f"{st.out}: study {rec['study']!r} (seed {rec.get('seed')}){src}; size {st.size}; "
             f"lspsde {rec.get('lspsde_version')}, study hash {rec.get('study_hash')}"
         )
     else:
@@ -346,11 +484,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     report = "present" if st.report else "missing"
     print(f"results.nc: {st.results}; report.md: {report}")
     todo = [n for n, p in st.parts.items() if p.state != "done"]
-    src = (rec or {}).get("source") or "STUDY.toml"
     if st.lock is not None and st.lock.alive:
         print("next: wait for the running run to finish")
     elif todo:
-        print(f"next: `lspsde run {src} --out {st.out}` resumes ({', '.join(todo)})")
+        print(f"next: `{resume_command(rec, st.out)}` resumes ({', '.join(todo)})")
     elif st.parts and not st.complete:
         print(f"next: `lspsde report {st.out}` writes the report from the finished parts")
     elif st.complete:

@@ -25,14 +25,18 @@ Robustness:
   reason; the rest of the report is written.
 - *One study per directory.* At the start of a run, ``DIR/study.json`` records which study the
   directory holds (its ``[study]`` name, a hash of the whole study file, the file it came from,
-  and each experiment's configuration hash). A run of a different study (another name) into it
-  stops before computing with ``StudyOutputError`` (``force=True`` replaces it); a changed
-  experiment of the same study is recomputed through its own configuration hash. A directory
-  without ``study.json`` (written before it existed) is identified by ``results.nc``'s
-  ``study`` attribute.
+  the size it was run at, and each experiment's configuration hash). A run of a different
+  study (another name) into it stops before computing with ``StudyOutputError``
+  (``force=True`` replaces it); a changed experiment of the same study is recomputed through
+  its own configuration hash. A directory without ``study.json`` (written before it existed)
+  is identified by ``results.nc``'s ``study`` attribute.
 - *What a study would run.* [`plan_study`][] reads each experiment's grid axes, sizes and (for
   ensembles) memory per grid point from the parsed study, computing nothing
   (``lspsde validate``).
+- *Named sizes.* A study parsed at a size (``[EXPERIMENT.sizes.NAME]``, ``lspsde run --size``)
+  records it in ``study.json``, the root attributes of ``results.nc`` and the report's header.
+  The configuration hash covers the values, so runs of two sizes never share a part.
+  [`calibrate`][] times each experiment once (``lspsde validate --calibrate``).
 - *Reports without recomputing.* [`rebuild_report`][] rewrites ``report.md`` and the figures
   (and ``results.nc`` when it is missing or out of date) from the finished parts, or from
   ``results.nc``'s groups, and names the experiments that are not finished.
@@ -42,6 +46,7 @@ Robustness:
   same command resumes.
 """
 
+from collections.abc import Iterable
 import contextlib
 import dataclasses
 import datetime
@@ -53,6 +58,7 @@ from pathlib import Path
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Any
 import uuid
@@ -71,7 +77,7 @@ from .._simulate import memory_plan
 from ..distributed import Execution
 from . import Check, Experiment, registry
 from .config import StudyMeta
-from .schema import StudyConfig, load_study
+from .schema import FULL, StudyConfig, load_study
 from .status import (
     LOCK,
     STUDY_FILE,
@@ -82,6 +88,7 @@ from .status import (
     holder_alive,
     lock_holder,
     read_study_record,
+    resume_command,
     verify_part,
 )
 
@@ -91,6 +98,7 @@ __all__ = [
     "StudyInterrupted",
     "StudyOutputError",
     "StudyResult",
+    "calibrate",
     "experiment_key",
     "plan_study",
     "read_study_record",
@@ -131,6 +139,7 @@ class StudyResult:
     checks: list[Check]
     out: Path
     files: list[Path]
+    size: str = FULL
 
 
 def run_study(
@@ -143,12 +152,14 @@ def run_study(
     workers: int | None = None,
     scheduler: str | None = None,
     chunk_size: int | None = None,
+    size: str | None = None,
 ) -> StudyResult:
     """Run every experiment of a study and write ``results.nc``, figures and ``report.md``.
 
     **Arguments:**
 
-    - `study`: a study file path or a parsed ``StudyConfig``.
+    - `study`: a study file path or a parsed ``StudyConfig`` (which carries the size it was
+      parsed at).
     - `out`: output directory (created).
     - `progress`: show progress bars (default: when stderr is a terminal and ``CI`` is not
       set).
@@ -160,6 +171,10 @@ def run_study(
       then be on storage every worker shares); the numbers equal a serial run's to the bit.
     - `chunk_size`: at most this many paths per stored piece (``out/pieces``), so that a
       killed run loses at most one piece per worker (the numbers do not depend on it).
+    - `size`: for a study file path, the named size to load it at (``[EXPERIMENT.sizes.NAME]``;
+      default ``"full"``, the file as written). For a ``StudyConfig`` it must be ``None`` or
+      the size it was parsed at. The size is recorded in ``study.json``, ``results.nc`` and the
+      report.
 
     Every ensemble's chunks are stored as pieces in ``out/pieces/<experiment>/`` while an
     experiment runs (``lspsde.distributed``): a rerun after a crash or SIGKILL loads the
@@ -174,7 +189,12 @@ def run_study(
     """
     if not isinstance(study, StudyConfig):
         source = study if source is None else source
-        study = load_study(study)
+        study = load_study(study, size=FULL if size is None else size)
+    elif size is not None and size != study.size:
+        raise ValueError(
+            f"run_study(size={size!r}) with a study parsed at size {study.size!r}: parse it at "
+            f"that size (load_study(path, size={size!r})) or leave size out."
+        )
     source = str(Path(source).resolve()) if source is not None else None
     # Studies compare measurements with bounds to ~1e-8: they run in float64, and leave the
     # caller's precision as it was.
@@ -186,6 +206,26 @@ def run_study(
             client = stack.enter_context(distributed.connect(workers, scheduler))
         run = Execution(None, client, chunk_size)
         return _run_study(study, Path(out), progress, force, source, run)
+
+
+def calibrate(study: StudyConfig, names: Iterable[str] | None = None) -> dict[str, float]:
+    """Run each experiment of `study` named in `names` (default: all) alone, once, in a
+    temporary directory (removed), and return its wall time in seconds: everything a run of it
+    does, JIT compilation, figures and report included. Nothing is written anywhere else.
+
+    ``lspsde validate --calibrate`` calls it with the study parsed at its ``ci`` size and
+    extrapolates linearly in path-steps ([`ExperimentPlan.path_steps`][])."""
+    experiments = study.experiments()
+    times: dict[str, float] = {}
+    for name in experiments if names is None else names:
+        if name not in experiments:
+            raise ValueError(f"calibrate: the study has no experiment table [{name}].")
+        alone = study.model_copy(update={n: None for n in experiments if n != name})
+        with tempfile.TemporaryDirectory(prefix="lspsde-calibrate-") as tmp:
+            start = time.perf_counter()
+            run_study(alone, tmp, progress=False)
+            times[name] = time.perf_counter() - start
+    return times
 
 
 def experiment_key(key, name: str):
@@ -280,8 +320,9 @@ def _write_part(ds: xr.Dataset, part: Path, config_hash: str) -> None:
 
 def study_record(config: StudyConfig, source: str | None = None) -> dict[str, Any]:
     """What ``study.json`` says about a run of `config`: the study's name, seed, description,
-    a hash of the whole study (every table, and the code version), the file it came from, and
-    each experiment's configuration hash (the key of its part)."""
+    the size it was parsed at, a hash of the whole study (every table at that size, and the code
+    version), the file it came from, and each experiment's configuration hash (the key of its
+    part)."""
     dump = config.model_dump(mode="json", exclude_none=True)
     payload = json.dumps({"config": dump, "version": __version__}, sort_keys=True)
     seed = config.study.seed
@@ -290,6 +331,7 @@ def study_record(config: StudyConfig, source: str | None = None) -> dict[str, An
         "study": config.study.name,
         "seed": seed,
         "description": config.study.description,
+        "size": config.size,
         "study_hash": hashlib.sha256(payload.encode()).hexdigest()[:16],
         "source": source,
         "lspsde_version": __version__,
@@ -479,7 +521,7 @@ def _run_locked(
                 _log(f"[{name}] finished in {_duration(time.perf_counter() - start)}: {part}")
                 bar.update()
         datasets = {name: datasets[name] for name in experiments}  # the study's order
-        return _write_outputs(config.study, datasets, out)
+        return _write_outputs(config.study, datasets, out, size=config.size)
     except KeyboardInterrupt:
         kept = [n for n in experiments if n in datasets]
         rest = len(experiments) - len(kept)
@@ -506,16 +548,22 @@ def _duration(seconds: float) -> str:
 
 
 def _write_outputs(
-    study: StudyMeta, datasets: dict[str, xr.Dataset], out: Path, *, results: bool = True
+    study: StudyMeta,
+    datasets: dict[str, xr.Dataset],
+    out: Path,
+    *,
+    results: bool = True,
+    size: str = FULL,
 ) -> StudyResult:
     """``results.nc`` (unless `results` is false), the figures and ``report.md`` from the
-    experiments' datasets: nothing here computes an experiment."""
+    experiments' datasets, run at the named `size`: nothing here computes an experiment."""
     registry = _registry()
     tree = xr.DataTree.from_dict({f"/{n}": ds for n, ds in datasets.items()})
     tree.attrs.update(
         study=study.name,
         description=study.description,
         seed=study.seed,
+        size=size,
         lspsde_version=__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         papers=(
@@ -539,9 +587,9 @@ def _write_outputs(
         files += [out / f for f in fig_names]
         sections.append((name, exp.summary(ds), rows, fig_names, failed))
     report = out / "report.md"
-    _atomic_write(report, lambda tmp: tmp.write_text(_report(study, sections)))
+    _atomic_write(report, lambda tmp: tmp.write_text(_report(study, sections, size)))
     files.append(report)
-    return StudyResult(tree, checks, out, files)
+    return StudyResult(tree, checks, out, files, size)
 
 
 # --- a report from what is on disk ----------------------------------------------------------
@@ -605,19 +653,19 @@ def rebuild_report(out: str | Path) -> StudyResult:
                         found.state, found.state
                     )
                     missing.append(f"{name} ({why})")
+            size = str(record.get("size", FULL))
             if missing:
-                source = record.get("source") or "STUDY.toml"
                 raise StudyOutputError(
                     f"Cannot rebuild the report of {out}: {len(missing)} of {len(hashes)} "
                     f"experiments are not finished: {'; '.join(missing)}. "
-                    f"`lspsde run {source} --out {out}` resumes them."
+                    f"`{resume_command(record, out)}` resumes them."
                 )
             study = StudyMeta(
                 name=record["study"],
                 seed=int(record.get("seed", 0)),
                 description=str(record.get("description", "")),
             )
-            return _write_outputs(study, datasets, out, results=not results_current)
+            return _write_outputs(study, datasets, out, results=not results_current, size=size)
         finally:
             _release_lock(lock)
 
@@ -657,12 +705,17 @@ def _fmt_holds(h: bool | None) -> str:
     return "n/a" if h is None else ("yes" if h else "**NO**")
 
 
-def _report(study: StudyMeta, sections) -> str:
+def _report(study: StudyMeta, sections, size: str = FULL) -> str:
     lines = [f"# Study: {study.name}", ""]
     if study.description:
         lines += [study.description, ""]
+    what = (
+        "the study file as written"
+        if size == FULL
+        else f"the study file with its `[EXPERIMENT.sizes.{size}]` tables merged in"
+    )
     lines += [
-        f"lspsde {__version__}, seed {study.seed}. Data: `results.nc` "
+        f"lspsde {__version__}, seed {study.seed}, size: {size} ({what}). Data: `results.nc` "
         "(open with `xarray.open_datatree`).",
         "",
     ]

@@ -35,6 +35,7 @@ __all__ = [
     "lock_pid",
     "pid_alive",
     "read_study_record",
+    "resume_command",
     "run_status",
     "verify_part",
 ]
@@ -142,6 +143,15 @@ def read_study_record(out: str | Path) -> dict[str, Any] | None:
     return record
 
 
+def resume_command(record: dict[str, Any] | None, out: str | Path) -> str:
+    """The command that resumes the run `record` (``study.json``) describes in `out`: its study
+    file (``STUDY.toml`` when unknown), and ``--size`` when it ran at a named size."""
+    record = record or {}
+    command = f"lspsde run {record.get('source') or 'STUDY.toml'} --out {out}"
+    size = record.get("size", "full")
+    return command if size == "full" else f"{command} --size {size}"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (on this machine)."""
     try:
@@ -215,6 +225,12 @@ class RunStatus:
     lock: LockState | None
     results: Literal["current", "stale", "present", "unreadable", "missing"]
     report: bool
+
+    @property
+    def size(self) -> str | None:
+        """The size the run was at (``study.json``; ``"full"`` for a record written before
+        sizes were recorded, which ran the file as written; ``None`` without a record)."""
+        return None if self.record is None else str(self.record.get("size", "full"))
 
     @property
     def done(self) -> list[str]:

@@ -117,6 +117,8 @@ def test_validate_says_what_each_experiment_would_run(tmp_path, monkeypatch, cap
     assert "noise_ablation: grid noise 1 (1 combination); " in out
     assert "1 × 50 paths × 40 steps = 2,000 path-steps" in out
     assert "memory per grid point:" in out and "available" in out
+    assert "\nsize: full (the file as written); no other size\n" in out
+    assert f"time: `lspsde validate {study} --calibrate` gives a rough estimate" in out
     assert out.strip().endswith("OK (nothing was run)")
     assert main(["check", str(study)]) == 0  # the old name stays
     assert capsys.readouterr().out == out
@@ -190,7 +192,7 @@ def test_status_of_a_finished_run(finished, capsys):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"study 'tiny' (seed 1), from {finished[1].resolve()}" in text
+    assert f"study 'tiny' (seed 1), from {finished[1].resolve()}; size full; lspsde " in text
     assert "lock: none" in text
     assert "experiments: 2 of 2 done" in text
     assert "  noise_ablation        done      parts/noise_ablation.nc (" in text

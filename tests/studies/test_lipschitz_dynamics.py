@@ -1,8 +1,9 @@
 """The *lipschitz_dynamics* study end to end, and the pieces it adds (two sampling orders, the
 scaling of one small-noise solve to other batch sizes and orders).
 
-The study runs reduced from the shipped file (fewer factor levels, paths and steps; at
-``LSPSDE_STUDY_SIZE=ci`` fewer problems too); the assertions are the same at both sizes: the
+The study runs the shipped file at its ``ci`` size (``[lipschitz_dynamics.sizes.ci]``: fewer
+problems, factor levels, paths and steps; outside CI the tests' own mid size, with all three
+problems, two label noises and more steps); the assertions are the same at both sizes: the
 SDE prediction matches the SGD ensemble within its intervals on the linear teacher-student
 baseline, the report names the disagreement of shuffled epochs with its size, and
 data-only <= adversarial <= product bound on every path.
@@ -31,27 +32,23 @@ STUDIES = Path(__file__).parents[2] / "studies"
 CI = os.environ.get("LSPSDE_STUDY_SIZE", "ci" if os.environ.get("CI") else "full") == "ci"
 
 
-def _shrunk(**update):
-    doc = load_study(STUDIES / "lipschitz_dynamics.toml").model_dump(exclude_none=True)
-    doc["lipschitz_dynamics"].update(update)
-    return parse_study(doc, source="lipschitz_dynamics.toml (shrunk for the test)")
+def _sized(**larger):
+    """The shipped study file at its ci size; outside CI with the values `larger` replacing some
+    of the ci size's (the tests' mid size), validated again by the schema."""
+    config = load_study(STUDIES / "lipschitz_dynamics.toml", size="ci")
+    if CI:
+        return config
+    doc = config.model_dump(exclude_none=True)
+    doc["lipschitz_dynamics"].update(larger)
+    return parse_study(doc, source="lipschitz_dynamics.toml (its ci size, enlarged for the test)")
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    problems = ["teacher_student_linear", "gaussian_mixture"]
-    if not CI:
-        problems.insert(1, "teacher_student_mlp")
-    config = _shrunk(
-        problems=problems,
-        label_noise=[0.1] if CI else [0.1, 0.3],
-        batch_size=[8],
-        init_scale=[1.0],
-        order=["iid", "shuffled"],
-        n_paths=256,
-        n_steps=80 if CI else 120,
-        lipschitz_paths=2,
-        adversarial_steps=20,
+    config = _sized(
+        problems=["teacher_student_linear", "teacher_student_mlp", "gaussian_mixture"],
+        label_noise=[0.1, 0.3],
+        n_steps=120,
     )
     out = tmp_path_factory.mktemp("lipschitz_dynamics")
     res = runner.run_study(config, out, progress=False)

@@ -1,11 +1,12 @@
 """The nonsmooth study (Section 6.6) end to end, at a reduced size.
 
-Loads the shipped study file and shrinks it (fewer activations, layers, probes, step sizes,
-steps and paths; the same kinds of case: a ReLU network with the zero input at its kinks, step
-sizes below, at and beyond 2/L, a stable and an unstable projected SGD), then asserts the
-mathematics: every check holds except the paper's statements that fail on these runs, and
-exactly those (Definition 6.2 as written; Theorem 6.4's (1) => (2) at eta = 2/L and its literal
-(1) past 2/L). ``LSPSDE_STUDY_SIZE=ci`` (or ``CI=true``) shrinks the ensemble further.
+Loads the shipped study file at its ``ci`` size (``[nonsmooth.sizes.ci]``: fewer activations,
+layers, probes, step sizes, steps and paths; the same kinds of case: a ReLU network with the
+zero input at its kinks, step sizes below, at and beyond 2/L, a stable and an unstable projected
+SGD), then asserts the mathematics: every check holds except the paper's statements that fail
+on these runs, and exactly those (Definition 6.2 as written; Theorem 6.4's (1) => (2) at
+eta = 2/L and its literal (1) past 2/L). Outside CI (neither ``LSPSDE_STUDY_SIZE=ci`` nor
+``CI=true``) the ensemble has more paths.
 """
 
 import os
@@ -24,25 +25,15 @@ CI = os.environ.get("LSPSDE_STUDY_SIZE", "ci" if os.environ.get("CI") else "full
 
 
 def _shrunk(**update):
-    doc = load_study(STUDIES / "nonsmooth.toml").model_dump(exclude_none=True)
+    """The shipped study file at its ci size with some values replaced, validated again."""
+    doc = load_study(STUDIES / "nonsmooth.toml", size="ci").model_dump(exclude_none=True)
     doc["nonsmooth"].update(update)
-    return parse_study(doc, source="nonsmooth.toml (shrunk for the test)")
+    return parse_study(doc, source="nonsmooth.toml (its ci size, changed for the test)")
 
 
 @pytest.mark.slow
 def test_nonsmooth_study(tmp_path):
-    config = _shrunk(
-        rho=[0.5, 0.9],
-        activation=["relu", "hard_tanh"],
-        width=6,
-        depth=4,
-        n_probes=4,
-        eta_L=[0.5, 2.0, 3.0],
-        lasso_steps=30,
-        eta_mu=[0.5, 2.5],
-        n_paths=100 if CI else 256,
-        ball_steps=30,
-    )
+    config = load_study(STUDIES / "nonsmooth.toml", size="ci") if CI else _shrunk(n_paths=256)
     res = runner.run_study(config, tmp_path, progress=False)
     ds = res.tree["nonsmooth"].to_dataset()
     assert missing_cf(ds) == []

@@ -1,8 +1,9 @@
 r"""The study *outside the theory* end to end (``studies/outside_theory.toml``), and the closed
 forms it rests on.
 
-The shipped file is shrunk (``LSPSDE_STUDY_SIZE=ci`` or ``CI=true``: further), keeping the same
-kinds of case (below and beyond eta_max, a step size where SGD diverges and heavy ball does
+The shipped file runs at its ``ci`` size (its ``[EXPERIMENT.sizes.ci]`` tables; outside CI,
+neither ``LSPSDE_STUDY_SIZE=ci`` nor ``CI=true``, the tests' own larger mid size), keeping the
+same kinds of case (below and beyond eta_max, a step size where SGD diverges and heavy ball does
 not, a fixed and a moving teacher, a covariate shift). The mathematical assertions are the same
 at both sizes:
 
@@ -45,41 +46,37 @@ STUDIES = Path(__file__).parents[2] / "studies"
 CI = os.environ.get("LSPSDE_STUDY_SIZE", "ci" if os.environ.get("CI") else "full") == "ci"
 NAMES = ("outside_drift", "outside_explanations", "outside_optimizers")
 
-SIZES = {
+# outside CI: the ci size with these values (the tests' mid size)
+LARGER = {
     "outside_optimizers": {
-        "eta_over_etamax": [0.5, 2.0, 5.0],
-        "adam_learning_rate": [0.02, 0.05, 0.2],
-        "n_paths": 200 if CI else 400,
-        "n_steps": 200 if CI else 300,
-        "n_exponent_paths": 16 if CI else 64,
-        "n_exponent_steps": 60 if CI else 100,
+        "n_paths": 400,
+        "n_steps": 300,
+        "n_exponent_paths": 64,
+        "n_exponent_steps": 100,
     },
     "outside_drift": {
-        "rates": [0.0, 0.01, 0.02] if CI else [0.0, 0.005, 0.01, 0.02],
-        "n_paths": 200 if CI else 400,
-        "n_steps": 400 if CI else 600,
-        "shift_at": 200 if CI else 300,
-        "n_exponent_paths": 16 if CI else 32,
-        "n_exponent_steps": 60 if CI else 100,
+        "rates": [0.0, 0.005, 0.01, 0.02],
+        "n_paths": 400,
+        "n_steps": 600,
+        "shift_at": 300,
+        "n_exponent_paths": 32,
+        "n_exponent_steps": 100,
     },
-    "outside_explanations": {
-        "activation": ["tanh"] if CI else ["tanh", "relu"],
-        "depth": [2],
-        "step_size": [0.05, 0.3],
-        "n_paths": 16 if CI else 32,
-        "n_steps": 50 if CI else 80,
-        "n_exponent_paths": 2,
-    },
+    "outside_explanations": {"activation": ["tanh", "relu"], "n_paths": 32, "n_steps": 80},
 }
 
 
 def _config():
-    """The shipped study file with smaller sizes, validated again by the schema."""
-    doc = load_study(STUDIES / "outside_theory.toml").model_dump(exclude_none=True)
-    assert set(NAMES) <= set(doc)
-    for name, update in SIZES.items():
+    """The shipped study file at its ci size (outside CI: with the values of `LARGER`),
+    validated again by the schema."""
+    config = load_study(STUDIES / "outside_theory.toml", size="ci")
+    assert set(NAMES) <= set(config.experiments())
+    if CI:
+        return config
+    doc = config.model_dump(exclude_none=True)
+    for name, update in LARGER.items():
         doc[name].update(update)
-    return parse_study(doc, source="outside_theory.toml (shrunk for the test)")
+    return parse_study(doc, source="outside_theory.toml (its ci size, enlarged for the test)")
 
 
 @pytest.fixture(scope="module")

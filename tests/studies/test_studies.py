@@ -1,7 +1,8 @@
 """End-to-end studies through the CLI, the study schema, and resuming.
 
-The shipped study files are run in full locally and at a reduced grid in CI (``CI=true`` or
-``LSPSDE_STUDY_SIZE=ci``); the mathematical assertions are the same at both sizes.
+The shipped study files are run in full locally and at their ``ci`` size in CI (``CI=true`` or
+``LSPSDE_STUDY_SIZE=ci``: the ``[EXPERIMENT.sizes.ci]`` tables of the files, what
+``lspsde run --size ci`` runs); the mathematical assertions are the same at both sizes.
 """
 
 import dataclasses
@@ -27,32 +28,10 @@ def _described(tree):
         assert missing_cf(node.to_dataset()) == [], name
 
 
-def _reduced(config):
-    """CI size: fewer grid points, same kinds of case (tight, holding, beyond the hypothesis)."""
-    if SIZE != "ci":
-        return config
-    update = {}
-    if config.feedforward_spectral is not None:
-        ff = config.feedforward_spectral
-        update["feedforward_spectral"] = ff.model_copy(
-            update={"rho": [0.5, 0.9, 1.05], "depth": [2, 8], "width": 16, "n_probes": 8}
-        )
-    if config.mean_field_depth is not None:
-        update["mean_field_depth"] = config.mean_field_depth.model_copy(
-            update={"sigma_w2": [0.5, 2.0, 4.0], "width": 64, "depth": 16, "n_probes": 4}
-        )
-    if config.residual_cfl is not None:
-        rc = config.residual_cfl
-        update["residual_cfl"] = rc.model_copy(
-            update={
-                "m": [0.25, 1.0],
-                "h_over_hmax": [0.5, 0.9, 1.1, 2.0, 4.0],
-                "dim": 8,
-                "depth": 16,
-                "n_probes": 4,
-            }
-        )
-    return config.model_copy(update=update)
+def _load(name: str):
+    """The shipped study file at the test size: at CI its ``ci`` size (fewer grid points, the
+    same kinds of case: tight, holding, beyond the hypothesis), else as written."""
+    return load_study(STUDIES / f"{name}.toml", size="ci" if SIZE == "ci" else "full")
 
 
 def test_quickstart_through_the_cli(tmp_path, capsys):
@@ -121,7 +100,7 @@ def test_resume_loads_finished_parts(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_feedforward_spectral_study(tmp_path):
-    config = _reduced(load_study(STUDIES / "feedforward_spectral.toml"))
+    config = _load("feedforward_spectral")
     res = runner.run_study(config, tmp_path, progress=False)
     ds = res.tree["feedforward_spectral"].to_dataset()
     _described(res.tree)
@@ -140,7 +119,7 @@ def test_feedforward_spectral_study(tmp_path):
 
 @pytest.mark.slow
 def test_mean_field_depth_beside_theorem_4_1(tmp_path):
-    config = _reduced(load_study(STUDIES / "feedforward_spectral.toml"))
+    config = _load("feedforward_spectral")
     config = config.model_copy(update={"feedforward_spectral": None})
     res = runner.run_study(config, tmp_path, progress=False)
     ds = res.tree["mean_field_depth"].to_dataset()
@@ -160,7 +139,7 @@ def test_mean_field_depth_beside_theorem_4_1(tmp_path):
 
 @pytest.mark.slow
 def test_residual_cfl_study(tmp_path):
-    config = _reduced(load_study(STUDIES / "residual_cfl.toml"))
+    config = _load("residual_cfl")
     res = runner.run_study(config, tmp_path, progress=False)
     ds = res.tree["residual_cfl"].to_dataset()
     _described(res.tree)
