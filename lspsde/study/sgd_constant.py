@@ -25,12 +25,10 @@ over the transient, next to the same fit of the exact curve and to $\rho(M)$.
 """
 
 import collections
-import math
 from typing import Annotated
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
@@ -42,7 +40,7 @@ from ..energy import fit_recursion, quadratic_mean_square
 from ..noise import GaussianNoise
 from ..parameter import SGD
 from ..sweep import Sweep
-from . import _mc
+from . import _mc, _plot
 from ._data import Variables
 from .config import FitConfig, Grid, NonNegativeFloat, PositiveFloat, PositiveInt, QuadraticSGD
 from .experiment import Check, Experiment
@@ -323,6 +321,60 @@ def _fit(cfg, i, eta, q_bound, steps, energy, valid, mean, tail_level, exact, m0
     return out
 
 
+def _divergence(s: xr.Dataset) -> tuple[np.ndarray, str]:
+    """The saved steps t >= 1 before the first path diverged (where the Monte Carlo mean is a
+    mean of every path, so a test of m_t), and a phrase saying how many paths diverged and
+    when the first did ("" when none did)."""
+    alive = s.n_alive.values
+    clean = (alive == alive[0]) & (s.step.values > 0)
+    frac = float(s.diverged_fraction)
+    if frac == 0:
+        return clean, ""
+    first = int(s.step.values[np.flatnonzero(alive < alive[0])[0]])
+    every = "every path" if frac >= 1 else f"{frac:.1%} of the paths"
+    return clean, f"{every} diverged, the first by t = {first}"
+
+
+def _bound_row(s: xr.Dataset, case: str, beyond: bool) -> Check:
+    """Lemma 5.1 / Theorem 5.2(1) on every step where no path has diverged yet."""
+    theorem, predicted = (
+        "Lemma 5.1 / Thm 5.2(1)",
+        "m_t <= q^t m_0 + eta^2 s0^2 (1-q^t)/(1-q), every t",
+    )
+    clean, diverged = _divergence(s)
+    lower, bound = s.energy_lower.values[clean], s.energy_bound.values[clean]
+    criterion = "holds when the band's lower end is <= the bound at every tested step"
+    if not clean.any():
+        return Check(
+            theorem,
+            case,
+            predicted,
+            "no step to test",
+            None,
+            f"{diverged} (before the first saved step): the survivors' mean is not m_t",
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(np.isfinite(bound), lower / bound, 0.0)
+    t_last = int(s.step.values[clean][-1])
+    measured = f"max_t lower-CI / bound = {float(np.nanmax(ratio)):.3g}"
+    notes = ["q(eta) >= 1: bound grows, still valid"] if beyond else []
+    if diverged:
+        measured += f" over t = 1..{t_last}"
+        notes.append(
+            f"{diverged}: tested on the {int(clean.sum())} saved steps before it (after it, "
+            "the survivors' mean is not m_t)"
+        )
+    notes.append(criterion)
+    return Check(
+        theorem,
+        case,
+        predicted,
+        measured,
+        bool(np.all(lower <= bound * (1 + 1e-12))),
+        "; ".join(notes),
+    )
+
+
 def checks(ds: xr.Dataset) -> list[Check]:
     rows = []
     level = float(ds.attrs["level"])
@@ -330,21 +382,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
         s = ds.sel(eta_over_etamax=r)
         case = f"eta = {r:g} eta_max"
         beyond = bool(r >= 1)
-        alive = (s.n_alive.values >= 2) & (s.step.values > 0)  # m_0 = bound_0 exactly
-        lower, bound = s.energy_lower.values[alive], s.energy_bound.values[alive]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(np.isfinite(bound), lower / bound, 0.0)
-        worst = float(np.nanmax(ratio)) if ratio.size else np.nan
-        rows.append(
-            Check(
-                "Lemma 5.1 / Thm 5.2(1)",
-                case,
-                "m_t <= q^t m_0 + eta^2 s0^2 (1-q^t)/(1-q), every t",
-                f"max_t lower-CI / bound = {worst:.3g}",
-                bool(np.all(lower <= bound * (1 + 1e-12))),
-                "q(eta) >= 1: bound grows, still valid" if beyond else "",
-            )
-        )
+        rows.append(_bound_row(s, case, beyond))
         rows.append(_exact_row(s, case))
         rows.append(_fit_row(s, case, level))
         rows.append(_stationary_row(s, case, beyond))
@@ -370,6 +408,7 @@ def checks(ds: xr.Dataset) -> list[Check]:
                     "diverged fraction 0",
                     f"diverged {frac:.3f}",
                     frac == 0.0,
+                    "holds when no path crossed the divergence threshold",
                 )
             )
     return rows
@@ -394,7 +433,8 @@ def _exact_row(s: xr.Dataset, case: str) -> Check:
         "MC band contains exact m_t",
         f"{int(inside.sum())}/{inside.size} steps inside",
         bool(inside.all()),
-        "simulator vs exact second-moment recursion",
+        "simulator vs exact second-moment recursion; holds when the exact m_t lies in the "
+        "simultaneous band at every saved step",
     )
 
 
@@ -408,11 +448,26 @@ def _fit_row(s: xr.Dataset, case: str, level: float) -> Check:
             "not fitted",
             None,
             f"q(eta) >= 2 is outside the fit's prior U(0, 2): no test; rho(M) = "
-            f"{float(s.q_exact):.4f}, exact-curve fit {float(s.q_exact_fit):.4f}",
+            f"{float(s.q_exact):.4f}"
+            + (
+                f", exact-curve fit {float(s.q_exact_fit):.4f}"
+                if np.isfinite(float(s.q_exact_fit))
+                else ""
+            ),
         )
     if not np.isfinite(float(s.q_fit)):
         return Check(
             "Thm 5.2(1) fitted q", case, f"q <= {qb:.4f}", "no fit", None, "too few paths survived"
+        )
+    _, diverged = _divergence(s)
+    if diverged:
+        return Check(
+            "Thm 5.2(1) fitted q",
+            case,
+            f"q <= q(eta) = {qb:.4f}",
+            f"q = {float(s.q_fit):.4f} [{float(s.q_fit_lower):.4f}, {float(s.q_fit_upper):.4f}]",
+            None,
+            f"{diverged}: fitted to the survivors, not to m_t; no test",
         )
     measured = (
         f"q = {float(s.q_fit):.4f} [{float(s.q_fit_lower):.4f}, {float(s.q_fit_upper):.4f}], "
@@ -430,7 +485,7 @@ def _fit_row(s: xr.Dataset, case: str, level: float) -> Check:
         f"q <= q(eta) = {qb:.4f}",
         measured,
         bool(float(s.prob_q_exceeds) < level),
-        note,
+        f"{note}; holds when P(q > q(eta)) < {level:g}",
     )
 
 
@@ -440,23 +495,39 @@ def _stationary_row(s: xr.Dataset, case: str, beyond: bool) -> Check:
         f"{float(s.stationary_upper):.4g}]"
     )
     exact = float(s.stationary_exact)
+    _, diverged = _divergence(s)
     if beyond or not np.isfinite(float(s.stationary_bound)):
+        note = f"exact level {exact:.4g}" if np.isfinite(exact) else "exact: unstable"
+        if diverged and np.isfinite(float(s.stationary_level)):
+            note += f"; {diverged}: the tail mean is over the survivors"
+        elif diverged:
+            note += f"; {diverged}"
         return Check(
             "Thm 5.2 stationary level",
             case,
             "- (q(eta) >= 1: no level)",
-            measured,
+            measured if np.isfinite(float(s.stationary_level)) else "no surviving path",
             None,
-            f"exact level {exact:.4g}" if np.isfinite(exact) else "exact: unstable",
+            note,
         )
     b = float(s.stationary_bound)
+    if diverged:
+        return Check(
+            "Thm 5.2 stationary level",
+            case,
+            f"<= eta^2 s0^2/(1-q) = {b:.4g}",
+            measured,
+            None,
+            f"{diverged}: the tail mean is over the survivors; no test",
+        )
     return Check(
         "Thm 5.2 stationary level",
         case,
         f"<= eta^2 s0^2/(1-q) = {b:.4g}",
         measured,
         bool(float(s.stationary_lower) <= b * (1 + 1e-12)),
-        f"exact {exact:.4g} (bound / exact = {b / exact:.2f})",
+        f"exact {exact:.4g} (bound / exact = {b / exact:.2f}); holds when the interval's lower "
+        "end is <= the bound",
     )
 
 
@@ -506,64 +577,128 @@ def summary(ds: xr.Dataset) -> str:
 
 def figures(ds: xr.Dataset) -> dict:
     ratios = ds.eta_over_etamax.values
-    ncol = min(4, ratios.size)
-    nrow = math.ceil(ratios.size / ncol)
-    fig, axes = plt.subplots(
-        nrow, ncol, figsize=(3.4 * ncol, 2.8 * nrow), squeeze=False, sharex=True
-    )
+    level = float(ds.attrs["level"])
+    fig, axes = _plot.panels(ratios.size, min(4, ratios.size), size=(3.3, 2.8), sharex=True)
     t = ds.step.values
     for ax, r in zip(axes.ravel(), ratios, strict=False):
         s = ds.sel(eta_over_etamax=r)
-        ax.fill_between(t, s.energy_lower, s.energy_upper, color="C0", alpha=0.3, lw=0)
-        ax.plot(t, s.mean_energy, "C0", lw=1, label="MC mean")
-        ax.plot(t, s.energy_exact, "k--", lw=0.8, label="exact")
-        ax.plot(t, s.energy_bound, "C3:", lw=1.2, label="Thm 5.2 bound")
-        ax.set_yscale("log")
+        clean, diverged = _divergence(s)
+        clean[0] = True
+        m0 = float(ds.attrs["m0"])
+        # limits from the Monte Carlo mean before any path diverged (zeros, underflow left out);
+        # the bound and exact curves are cut where they leave them (no log-scale overflow)
+        lim = _plot.log_limits(s.mean_energy.values[clean], m0, pad=3.0)
+        # after the first divergence the mean is over the survivors, not m_t: not drawn
+        shown = np.ones_like(clean)
+        if diverged:
+            first = int(np.flatnonzero(s.n_alive.values < s.n_alive.values[0])[0])
+            shown[first:] = False
+        mean = np.where(shown, s.mean_energy.values, np.nan)
+        upper = np.where(shown, s.energy_upper.values, np.nan)
+        lower = np.where(shown, s.energy_lower.values, np.nan)
+        if lim is not None:
+            lower = np.maximum(lower, lim[0] / 10)  # an interval reaching 0 runs off the axis
+        ax.fill_between(t, lower, upper, color="C0", alpha=0.3, lw=0, label=f"{level:.0%} band")
+        ax.plot(t, mean, "C0", lw=1, label="MC mean")
+        ax.plot(t, _plot.clip_to(s.energy_exact, lim), "k--", lw=0.8, label="exact")
+        ax.plot(t, _plot.clip_to(s.energy_bound, lim), "C3:", lw=1.2, label="Thm 5.2 bound")
+        if diverged:
+            ax.axvspan(
+                t[first],
+                t[-1],
+                color="grey",
+                alpha=0.15,
+                lw=0,
+                label="after the first divergence\n(MC not shown)",
+            )
         ax.set_xscale("symlog", linthresh=10)
-        m = s.mean_energy.values
-        m = m[np.isfinite(m) & (m > 0)]
-        ax.set_ylim(0.3 * m.min(), 10 * max(m.max(), float(ds.attrs["m0"])))
-        ax.set_title(f"eta = {r:g} eta_max", fontsize=9)
-    for ax in axes.ravel()[ratios.size :]:
-        ax.axis("off")
-    axes[0, 0].legend(fontsize=7)
-    fig.supxlabel("step t")
-    fig.supylabel("E||theta^t - theta*||^2")
-    fig.suptitle("Theorem 5.2(1): mean-square energy and its bound")
+        ax.set_yscale("log")
+        if lim is not None:
+            ax.set_ylim(*lim)
+        ax.set_title(
+            rf"$\eta$ = {r:g} $\eta_{{\max}}$" + (" (diverged)" if diverged else ""), fontsize=9
+        )
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    last = next(ax for ax in axes.ravel()[::-1] if ax.get_visible())
+    more = [
+        (h, lab)
+        for h, lab in zip(*last.get_legend_handles_labels(), strict=True)
+        if lab not in labels
+    ]
+    axes[0, 0].legend(handles + [h for h, _ in more], labels + [lab for _, lab in more], fontsize=6)
+    fig.supxlabel("step t (symlog)")
+    fig.supylabel(_plot.M_T)
+    fig.suptitle(
+        r"Lemma 5.1 / Theorem 5.2(1): $m_t \leq q^t m_0 + \eta^2\sigma_0^2(1-q^t)/(1-q)$ "
+        f"(band: {level:.0%} simultaneous)"
+    )
 
-    fig2, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig2, ax = _plot.figure((5.6, 4.0))
     ok = np.isfinite(ds.q_fit.values)
     err = np.stack([ds.q_fit - ds.q_fit_lower, ds.q_fit_upper - ds.q_fit])[:, ok]
-    ax.errorbar(ratios[ok], ds.q_fit.values[ok], yerr=err, fmt="o", ms=4, label="fitted q (MC)")
-    ax.plot(ratios, ds.q_exact_fit, "kx", label="same fit, exact m_t")
-    ax.plot(ratios, ds.q_exact, "g.-", lw=1, label="rho(M), exact factor")
-    ax.plot(ratios, ds.q_bound, "C3-", label="q(eta), Thm 5.2")
+    ax.errorbar(
+        ratios[ok],
+        ds.q_fit.values[ok],
+        yerr=err,
+        fmt="o",
+        ms=4,
+        label=f"fitted q (MC), {level:.0%} posterior interval",
+    )
+    ax.plot(ratios, ds.q_exact_fit, "kx", label=r"same fit, exact $m_t$")
+    ax.plot(ratios, ds.q_exact, "g.-", lw=1, label=r"$\rho(M)$, exact factor")
+    ax.plot(ratios, ds.q_bound, "C3-", label=r"$q(\eta) = 1 - 2\eta\mu + \eta^2(L^2+\sigma_1^2)$")
     ax.axhline(1, color="grey", lw=0.5)
     ax.axvline(1, color="k", lw=0.5, ls=":")
-    ax.set(xlabel="eta / eta_max", ylabel="per-step factor q", ylim=(0, 2.05))
+    ax.set(xlabel=_plot.ETA_RATIO, ylabel=r"per-step factor $q$", ylim=(0, 2.05))
     ax.legend(fontsize=7)
-    ax.set_title("Fitted q against q(eta)")
+    ax.set_title(r"Theorem 5.2(1): fitted $q$ in $m_{t+1} = q\,m_t + c$ against $q(\eta)$")
 
-    fig3, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig3, ax = _plot.figure((5.6, 4.0))
     lo = ds.stationary_level - ds.stationary_lower
     hi = ds.stationary_upper - ds.stationary_level
-    ax.errorbar(ratios, ds.stationary_level, yerr=[lo, hi], fmt="o", ms=4, label="MC tail mean")
-    ax.plot(ratios, ds.stationary_exact, "kx", label="exact")
-    ax.plot(ratios, ds.stationary_bound, "C3-", label="eta^2 s0^2/(1-q), Thm 5.2")
-    ax.axvline(1, color="k", lw=0.5, ls=":")
-    ax.set(xlabel="eta / eta_max", ylabel="stationary E||theta - theta*||^2", yscale="log")
-    ax.legend(fontsize=7)
-    ax.set_title("Stationary level against the bound")
-
-    fig4, ax = plt.subplots(figsize=(5.2, 3.4))
-    ax.plot(ratios, ds.diverged_fraction, "o-", label="measured")
-    ax.axvline(1, color="k", lw=0.5, ls=":", label="eta_max (Thm 5.2)")
-    ax.axvline(
-        float(ds.attrs["exact_boundary_ratio"]), color="g", lw=1, ls="--", label="exact eta*"
+    ax.errorbar(
+        ratios,
+        ds.stationary_level,
+        yerr=[lo, hi],
+        fmt="o",
+        ms=4,
+        label=f"MC tail mean, {float(ds.attrs['stationary_interval_level']):.1%} CI",
     )
-    ax.set(xlabel="eta / eta_max", ylabel="diverged fraction", ylim=(-0.05, 1.05))
+    lim = _plot.log_limits(
+        ds.stationary_lower,
+        ds.stationary_upper,
+        ds.stationary_exact,
+        ds.stationary_bound.where(ds.eta_over_etamax < 1),
+        pad=2.0,
+    )
+    ax.plot(ratios, _plot.clip_to(ds.stationary_exact, lim), "kx", label="exact")
+    ax.plot(
+        ratios,
+        _plot.clip_to(ds.stationary_bound.where(ds.eta_over_etamax < 1), lim),
+        "C3-",
+        label=r"$\eta^2\sigma_0^2/(1-q)$, Thm 5.2",
+    )
+    ax.axvline(1, color="k", lw=0.5, ls=":")
+    ax.set_yscale("log")
+    if lim is not None:
+        ax.set_ylim(*lim)
+    ax.set(xlabel=_plot.ETA_RATIO, ylabel=r"stationary $\mathbb{E}\|\theta - \theta^*\|^2$")
     ax.legend(fontsize=7)
-    ax.set_title("Divergence across eta_max")
+    ax.set_title("Theorem 5.2: stationary level against its bound")
+
+    fig4, ax = _plot.figure((5.6, 3.6))
+    ax.plot(ratios, ds.diverged_fraction, "o-", label="measured")
+    ax.axvline(1, color="k", lw=0.5, ls=":", label=r"$\eta_{\max}$ (Thm 5.2)")
+    ax.axvline(
+        float(ds.attrs["exact_boundary_ratio"]),
+        color="g",
+        lw=1,
+        ls="--",
+        label=r"exact $\eta^*$: $\rho(M(\eta^*)) = 1$",
+    )
+    ax.set(xlabel=_plot.ETA_RATIO, ylabel="fraction of paths diverged", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+    ax.set_title(rf"Theorem 5.2: divergence across $\eta_{{\max}}$ ({ds.attrs['n_paths']} paths)")
     return {
         "energy": fig,
         "q_fit": fig2,
